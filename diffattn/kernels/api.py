@@ -1,0 +1,200 @@
+"""Public kernel entry points and backend dispatch.
+
+Backends (parameters that change *speed*, never *what* is computed):
+
+* ``"triton"`` — our block-sparse flash kernel (CUDA; on CPU only under ``TRITON_INTERPRET=1``).
+* ``"torch"``  — gathers listed key blocks per query block in plain PyTorch (the CPU path).
+* ``"flex"``   — PyTorch FlexAttention with ``BlockMask.from_kv_blocks`` (CUDA): an alternative and
+  the baseline to beat.
+* ``"auto"``   — ``triton`` on CUDA when available, else ``torch``; the choice and its reason are
+  logged once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+
+import torch
+
+from .layout import BlockSparseLayout
+from .reference import gathered_block_attention
+
+__all__ = ["block_sparse_attention", "block_mass", "available_backends", "resolve_backend", "BACKENDS"]
+
+logger = logging.getLogger("diffattn")
+BACKENDS = ("auto", "triton", "torch", "flex")
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 256
+_logged: set[str] = set()
+
+
+def log_once(key: str, message: str, level: int = logging.INFO) -> None:
+    """Log ``message`` the first time ``key`` is seen in this process."""
+    if key not in _logged:
+        _logged.add(key)
+        logger.log(level, message)
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _has_flex() -> bool:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the torch build
+        return False
+    return True
+
+
+def can_run(backend: str, device: torch.device, raise_error: bool = False) -> bool:
+    """Whether ``backend`` can run on ``device``; with ``raise_error`` say why not and how to fix it."""
+    reason = None
+    if backend == "triton":
+        if not _has_triton():
+            reason = "Triton is not installed; `pip install triton` (Linux) or use backend='torch'"
+        elif device.type != "cuda" and not triton_interpret():
+            reason = (
+                f"the Triton kernel needs CUDA tensors, got {device.type}; move inputs to a GPU, set "
+                "TRITON_INTERPRET=1 (slow, for tests) or use backend='torch'"
+            )
+    elif backend == "flex":
+        if not _has_flex():
+            reason = "this torch build has no torch.nn.attention.flex_attention; upgrade torch or use 'torch'"
+        elif device.type != "cuda":
+            reason = f"backend='flex' is for CUDA tensors (got {device.type}); use backend='torch' on CPU"
+    elif backend != "torch":
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if reason is not None and raise_error:
+        raise RuntimeError(f"backend={backend!r} cannot run: {reason}")
+    return reason is None
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    device = torch.device(device)
+    return [b for b in BACKENDS[1:] if can_run(b, device)]
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        can_run(backend, device, raise_error=True)
+        return backend
+    if device.type == "cuda" and can_run("triton", device):
+        log_once("auto-triton", "diffattn: block-sparse attention uses the Triton kernel (CUDA)")
+        return "triton"
+    why = "no CUDA device" if device.type != "cuda" else "Triton is not installed"
+    log_once("auto-torch", f"diffattn: block-sparse attention falls back to the PyTorch path ({why})")
+    return "torch"
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.ndim != 4:
+            raise ValueError(f"{name} must be [B, H, N, D], got shape {tuple(t.shape)}")
+        if t.dtype not in _SUPPORTED_DTYPES:
+            raise ValueError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3]:
+        raise ValueError(
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: batch and heads must match and "
+            "k, v must have the same length"
+        )
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
+    if max(q.shape[-1], v.shape[-1]) > _MAX_HEAD_DIM:
+        raise ValueError(f"head dim must be <= {_MAX_HEAD_DIM}, got {q.shape[-1]} / {v.shape[-1]}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockSparseLayout,
+    scale: float | None = None,
+    return_lse: bool = True,
+    backend: str = "auto",
+):
+    """Block-sparse softmax attention over the key blocks listed in ``layout``.
+
+    Args:
+        q: ``[B, H, Nq, D]``; k, v: ``[B, H, Nk, D]`` (fp16, bf16 or fp32; ``Nq != Nk`` allowed; lengths
+            need not be multiples of the block; ``D <= 256``).
+        layout: a :class:`BlockSparseLayout` with ``ceil(Nq/block_q)`` query blocks and
+            ``ceil(Nk/block_k)`` key blocks (batch/head dims 1 or matching).
+        scale: softmax scale, default ``D ** -0.5``.
+        return_lse: also return the natural-log log-sum-exp per query.
+        backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"flex"``.
+
+    Returns:
+        ``o`` ``[B, H, Nq, D]`` in q's dtype, and (if ``return_lse``) ``lse`` float32 ``[B, H, Nq]``.
+        Rows that select no block give zeros and ``lse = -inf``.
+
+    >>> import torch
+    >>> q = k = v = torch.randn(1, 2, 100, 64)
+    >>> layout = BlockSparseLayout.dense(1, 1, 100, 100)
+    >>> o, lse = block_sparse_attention(q, k, v, layout, backend="torch")
+    >>> o.shape, lse.shape
+    (torch.Size([1, 2, 100, 64]), torch.Size([1, 2, 100]))
+    """
+    check_qkv(q, k, v)
+    if not isinstance(layout, BlockSparseLayout):
+        raise TypeError(f"layout must be a BlockSparseLayout, got {type(layout).__name__}")
+    b, h, nq, d = q.shape
+    layout.check_inputs(b, h, nq, k.shape[-2])
+    if layout.kv_indices.device != q.device:
+        layout = layout.to(q.device)
+    scale = d**-0.5 if scale is None else float(scale)
+    name = resolve_backend(backend, q.device)
+    if name == "triton":
+        from .triton_attention import triton_block_sparse_attention
+
+        o, lse = triton_block_sparse_attention(q, k, v, layout, scale)
+    elif name == "flex":
+        from .flex import flex_block_sparse_attention
+
+        o, lse = flex_block_sparse_attention(q, k, v, layout, scale)
+    else:
+        o, lse = gathered_block_attention(q, k, v, layout, scale)
+    return (o, lse) if return_lse else o
+
+
+def block_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    block_q: int = 64,
+    block_k: int = 64,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Exact attention mass of every (query block, key block) tile given each query's LSE.
+
+    ``mass[b, h, i, j] = sum_{r in Qblk i, c in Kblk j} exp(q_r . k_c * scale - lse_r)`` as float32
+    ``[B, H, Mq, Mk]``; one pass over ``Q K^T`` with no ``P V`` and no ``Nq x Nk`` buffer. With the true
+    LSE each row of blocks sums to the number of valid queries in that block.
+    """
+    check_qkv(q, k, k)
+    if lse.shape != q.shape[:3]:
+        raise ValueError(f"lse must be [B, H, Nq] = {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    name = resolve_backend("triton" if backend == "flex" else backend, q.device)
+    if name == "triton":
+        from .triton_block_mass import triton_block_mass
+
+        return triton_block_mass(q, k, lse, block_q, block_k, scale)
+    from .reference import block_mass_reference
+
+    return block_mass_reference(q, k, lse, block_q, block_k, scale)

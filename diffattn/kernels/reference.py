@@ -1,0 +1,198 @@
+"""Plain-PyTorch attention: the references every kernel is tested against, and the CPU path.
+
+* :func:`dense_masked_attention` materialises the full ``Nq x Nk`` score matrix in fp32 — the
+  independent reference used by tests (small shapes only).
+* :func:`gathered_block_attention` gathers only the listed key blocks, one chunk of query blocks at a
+  time, so memory stays bounded for long sequences — the ``"torch"`` backend.
+* :func:`merge_attention` combines two partial attentions exactly through their LSEs.
+* :func:`block_mass_reference` sums ``exp(s - lse)`` over every (query block, key block) tile.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .layout import BlockSparseLayout, cdiv
+
+__all__ = [
+    "dense_masked_attention",
+    "gathered_block_attention",
+    "merge_attention",
+    "block_mass_reference",
+    "softmax_with_lse",
+]
+
+# Budget for one chunk's score tensor in the gathered path (elements, fp32).
+_CHUNK_ELEMENTS = 1 << 25
+
+
+def softmax_with_lse(scores: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row softmax of fp32 ``scores`` with an optional boolean keep-mask.
+
+    Rows with nothing kept give probabilities 0 and ``lse = -inf`` (never NaN).
+    """
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    probs = torch.exp(scores - safe[..., None])
+    if mask is not None:
+        probs = probs.masked_fill(~mask, 0.0)
+    return probs, lse
+
+
+def dense_masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockSparseLayout | None = None,
+    scale: float | None = None,
+    token_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference attention with the layout's exact token mask, computed densely in fp32.
+
+    Returns ``o`` in q's dtype ``[B, H, Nq, Dv]`` and ``lse`` float32 ``[B, H, Nq]``.
+    """
+    nq, nk = q.shape[-2], k.shape[-2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    mask = token_mask
+    if layout is not None:
+        lm = layout.to_token_mask(nq, nk)
+        mask = lm if mask is None else (mask & lm)
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    p, lse = softmax_with_lse(s, mask)
+    o = torch.matmul(p, v.float())
+    return o.to(q.dtype), lse
+
+
+def gathered_block_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockSparseLayout,
+    scale: float | None = None,
+    chunk_elements: int = _CHUNK_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention that gathers the listed key blocks per query block (never ``Nq x Nk``).
+
+    Computes in fp32 and visits query blocks in chunks sized so a chunk's score tensor holds at most
+    ``chunk_elements`` values.
+    """
+    b, h, nq, d = q.shape
+    nk, dv = k.shape[-2], v.shape[-1]
+    bq, bk = layout.block_q, layout.block_k
+    mq, mk = layout.num_q_blocks, layout.num_kv_blocks
+    scale = d**-0.5 if scale is None else scale
+    dev = q.device
+
+    qp = _pad_rows(q.float(), mq * bq).view(b, h, mq, bq, d)
+    kp = _pad_rows(k.float(), mk * bk).view(b, h, mk, bk, d)
+    vp = _pad_rows(v.float(), mk * bk).view(b, h, mk, bk, dv)
+    key_valid = (torch.arange(mk * bk, device=dev) < nk).view(mk, bk)
+
+    kmax = layout.max_kv
+    idx_all = layout.kv_indices.expand(b, h, mq, kmax)
+    cnt_all = layout.kv_counts.expand(b, h, mq)
+    ids_all = None if layout.kv_mask_ids is None else layout.kv_mask_ids.expand(b, h, mq, kmax)
+
+    out = torch.zeros(b, h, mq, bq, dv, dtype=torch.float32, device=dev)
+    lse_out = torch.full((b, h, mq, bq), float("-inf"), dtype=torch.float32, device=dev)
+    per_block = b * h * bq * max(kmax, 1) * bk
+    step = max(1, chunk_elements // max(per_block, 1))
+    bi = torch.arange(b, device=dev)[:, None, None, None]
+    hi = torch.arange(h, device=dev)[None, :, None, None]
+    slot = torch.arange(kmax, device=dev)
+    for m0 in range(0, mq, step):
+        m1 = min(mq, m0 + step)
+        idx = idx_all[:, :, m0:m1].long()
+        used = slot < cnt_all[:, :, m0:m1, None]
+        safe = torch.where(used, idx, torch.zeros_like(idx))
+        kg = kp[bi, hi, safe]  # [B, H, c, Kmax, bk, D]
+        vg = vp[bi, hi, safe]
+        s = torch.einsum("bhcqd,bhckjd->bhcqkj", qp[:, :, m0:m1], kg) * scale
+        keep = (used[..., None] & key_valid[safe])  # [B, H, c, Kmax, bk]
+        keep = keep[:, :, :, None].expand(-1, -1, -1, bq, -1, -1)
+        if ids_all is not None:
+            ids = ids_all[:, :, m0:m1].long()
+            tok = layout.block_masks[ids.clamp_min(0)]  # [B, H, c, Kmax, bq, bk]
+            tok = torch.where((ids >= 0)[..., None, None], tok, torch.ones_like(tok))
+            keep = keep & tok.permute(0, 1, 2, 4, 3, 5)
+        c = m1 - m0
+        s = s.reshape(b, h, c, bq, kmax * bk)
+        p, lse = softmax_with_lse(s, keep.reshape(b, h, c, bq, kmax * bk))
+        out[:, :, m0:m1] = torch.einsum("bhcqkj,bhckjd->bhcqd", p.view(b, h, c, bq, kmax, bk), vg)
+        lse_out[:, :, m0:m1] = lse
+    o = out.view(b, h, mq * bq, dv)[:, :, :nq]
+    return o.to(q.dtype), lse_out.view(b, h, mq * bq)[:, :, :nq].contiguous()
+
+
+def merge_attention(
+    o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exactly combine two attentions over disjoint key sets: ``softmax`` over the union.
+
+    ``o*`` ``[B, H, N, D]``, ``lse*`` float32 ``[B, H, N]``. Rows empty in both stay zero with ``-inf``.
+    """
+    if o1.shape != o2.shape or lse1.shape != lse2.shape or o1.shape[:-1] != lse1.shape:
+        raise ValueError(
+            f"merge_attention needs matching shapes, got o1 {tuple(o1.shape)}, o2 {tuple(o2.shape)}, "
+            f"lse1 {tuple(lse1.shape)}, lse2 {tuple(lse2.shape)}"
+        )
+    l1, l2 = lse1.float(), lse2.float()
+    lse = torch.logaddexp(l1, l2)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    w1 = torch.where(torch.isfinite(l1), torch.exp(l1 - safe), torch.zeros_like(l1))
+    w2 = torch.where(torch.isfinite(l2), torch.exp(l2 - safe), torch.zeros_like(l2))
+    o = o1.float() * w1[..., None] + o2.float() * w2[..., None]
+    return o.to(o1.dtype), lse
+
+
+def block_mass_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    block_q: int = 64,
+    block_k: int = 64,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention mass of every tile: ``sum_{i in Qblk, j in Kblk} exp(q_i.k_j*scale - lse_i)``.
+
+    Returns float32 ``[B, H, Mq, Mk]``. Rows whose ``lse`` is ``-inf`` contribute nothing. Tail
+    positions past the sequence ends contribute nothing. Chunked over query blocks.
+    """
+    b, h, nq, d = q.shape
+    nk = k.shape[-2]
+    scale = d**-0.5 if scale is None else scale
+    mq, mk = cdiv(nq, block_q), cdiv(nk, block_k)
+    out = torch.zeros(b, h, mq, mk, dtype=torch.float32, device=q.device)
+    kf = _pad_rows(k.float(), mk * block_k)
+    rows = max(block_q, (_CHUNK_ELEMENTS // max(b * h * mk * block_k, 1)) // block_q * block_q)
+    for r0 in range(0, nq, rows):
+        r1 = min(nq, r0 + rows)
+        s = torch.matmul(q[:, :, r0:r1].float(), kf.transpose(-1, -2)) * scale
+        l = lse[:, :, r0:r1].float()
+        p = torch.where(torch.isfinite(l)[..., None], torch.exp(s - l[..., None]), torch.zeros_like(s))
+        p[..., nk:] = 0.0
+        p = _pad_rows(p, cdiv(r1 - r0, block_q) * block_q)
+        blocks = p.view(b, h, -1, block_q, mk, block_k).sum(dim=(3, 5))
+        out[:, :, r0 // block_q : r0 // block_q + blocks.shape[2]] = blocks
+    return out
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    n = x.shape[-2]
+    if n == rows:
+        return x
+    pad = x.new_zeros(*x.shape[:-2], rows - n, x.shape[-1])
+    return torch.cat([x, pad], dim=-2)
+
+
+def attention_flops(b: int, h: int, nq: int, nk: int, d: int, density: float = 1.0) -> float:
+    """Forward FLOPs of attention: two matmuls of ``2*Nq*Nk*D`` each, scaled by density."""
+    return 4.0 * b * h * nq * nk * d * density
+
+
+def default_scale(d: int) -> float:
+    return 1.0 / math.sqrt(d)

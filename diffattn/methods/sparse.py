@@ -1,0 +1,144 @@
+"""Shared machinery of the sparse video methods: text handling, warm-up, and the dense baseline.
+
+A video method only plans attention among the ``F*H*W`` video tokens. Text tokens of a joint sequence
+are always dense (every method keeps text rows and columns), so :class:`VideoSparseMethod` splits the
+sequence: video queries get ``sparse(video keys)`` merged exactly (through LSEs) with ``dense(text keys)``,
+and text queries attend densely to everything. Padded text keys (HunyuanVideo) are masked exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels import BlockSparseLayout, block_sparse_attention, merge_attention
+from .base import AttentionMethod, AttnContext, MethodConfig, register_method
+
+__all__ = ["DenseConfig", "DenseMethod", "VideoSparseMethod", "kernel_attention"]
+
+Backend = Literal["auto", "triton", "torch", "flex"]
+
+
+@dataclass(frozen=True)
+class DenseConfig(MethodConfig):
+    """Dense attention through our own kernel at density 1.0 — the equivalence baseline.
+
+    Attributes:
+        block_size: tile size (tokens) of the kernel's blocks. Speed only.
+        backend: kernel backend: "auto" (Triton on CUDA, else PyTorch), "triton", "torch" or "flex".
+    """
+
+    block_size: int = 64
+    backend: Backend = "auto"
+
+    def validate(self) -> None:
+        _check_block_size(self.block_size)
+
+
+def _check_block_size(value: int, name: str = "block_size") -> None:
+    if value < 16 or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= 16 (64 or 128 are typical), got {value}")
+
+
+def kernel_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockSparseLayout,
+    scale: float | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    o, lse = block_sparse_attention(q, k, v, layout, scale=scale, return_lse=True, backend=backend)
+    return o, lse
+
+
+def _key_valid(ctx: AttnContext, b: int, n: int, device: torch.device) -> torch.Tensor | None:
+    kp = ctx.key_padding
+    if kp is None:
+        return None
+    if kp.shape != (b, n):
+        kp = kp.expand(b, n)
+    return kp.to(device=device, dtype=torch.bool)
+
+
+def dense_with_padding(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    scale: float | None,
+    block: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention of ``q`` over all valid keys, through the kernel (returns LSE)."""
+    b, h, nq, _ = q.shape
+    nk = k.shape[-2]
+    if key_valid is None:
+        layout = BlockSparseLayout.dense(1, 1, nq, nk, block, block, device=q.device)
+    else:
+        layout = BlockSparseLayout.from_key_padding(key_valid, nq, block, block)
+    return kernel_attention(q, k, v, layout, scale, backend)
+
+
+@register_method
+class DenseMethod(AttentionMethod):
+    """Full attention through the block-sparse kernel with every block listed."""
+
+    name = "dense"
+    config_cls = DenseConfig
+
+    def attend(self, q, k, v, ctx):
+        b, _, n, _ = q.shape
+        valid = _key_valid(ctx, b, k.shape[-2], q.device)
+        o, _ = dense_with_padding(q, k, v, valid, ctx.scale, self.config.block_size, self.config.backend)
+        ctx.record(density=1.0)
+        return o
+
+
+class VideoSparseMethod(AttentionMethod):
+    """Base for methods that plan attention among video tokens on the latent grid.
+
+    Subclasses implement :meth:`video_attention` (sparse attention among video tokens, returning
+    ``(o, lse)``) and may override :meth:`use_dense` for warm-up steps/layers.
+    """
+
+    requires_grid: ClassVar[bool] = True
+
+    def use_dense(self, ctx: AttnContext) -> bool:
+        return False
+
+    def video_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def attend(self, q, k, v, ctx):
+        b, h, n, d = q.shape
+        cfg = self.config
+        block = getattr(cfg, "block_size", 64)
+        backend = getattr(cfg, "backend", "auto")
+        valid = _key_valid(ctx, b, k.shape[-2], q.device)
+        if ctx.grid is None or ctx.num_video + ctx.text_len != n or k.shape[-2] != n:
+            ctx.record(fallback="no latent grid for this sequence; ran dense", density=1.0)
+            return dense_with_padding(q, k, v, valid, ctx.scale, block, backend)[0]
+        if self.use_dense(ctx):
+            ctx.record(density=1.0, warmup=True)
+            return dense_with_padding(q, k, v, valid, ctx.scale, block, backend)[0]
+
+        vs, ts = ctx.video_slice(n), ctx.text_slice(n)
+        qv, kv, vv = q[:, :, vs], k[:, :, vs], v[:, :, vs]
+        o_v, lse_v = self.video_attention(qv, kv, vv, ctx)
+        if ctx.text_len == 0:
+            return o_v
+        text_valid = None if valid is None else valid[:, ts]
+        kt, vt = k[:, :, ts], v[:, :, ts]
+        o_vt, lse_vt = dense_with_padding(qv, kt, vt, text_valid, ctx.scale, block, backend)
+        o_v, _ = merge_attention(o_v, lse_v, o_vt, lse_vt)
+        # Text queries are few: ordinary dense attention over all (valid) keys.
+        mask = None if valid is None else valid[:, None, None, :]
+        o_t = F.scaled_dot_product_attention(q[:, :, ts], k, v, attn_mask=mask, scale=ctx.scale)
+        parts = (o_t, o_v) if ctx.text_first else (o_v, o_t)
+        return torch.cat(parts, dim=2)
