@@ -1,0 +1,233 @@
+"""Per-model runtime state: denoising step and CFG branch tracking, latent grid, and statistics.
+
+A forward pre-hook on the denoiser calls :meth:`ModelState.begin_forward` with the forward's
+arguments. The step index comes from the pipeline's scheduler when one is known (its ``step_index``,
+and a new ``timesteps`` tensor marks a new generation); otherwise from the timestep values (a repeated
+timestep is another CFG branch of the same step, a larger one starts a new generation). Wan calls the
+transformer twice per step (branches 0 and 1); SD and CogVideoX batch CFG into one call (branch 0).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .models import Grid, ModelSpec, bind_forward_args
+
+__all__ = ["StepTracker", "Stats", "ModelState", "ForwardInfo"]
+
+
+def _timestep_value(t: Any) -> float | None:
+    if t is None:
+        return None
+    if isinstance(t, torch.Tensor):
+        if t.numel() == 0:
+            return None
+        return float(t.detach().flatten()[0].float().cpu())
+    try:
+        return float(t)
+    except (TypeError, ValueError):
+        return None
+
+
+class StepTracker:
+    """Turns the sequence of denoiser calls into (step, branch, num_steps); ``reset()`` forgets."""
+
+    def __init__(self, scheduler: Any = None, num_steps: int | None = None) -> None:
+        self.scheduler = scheduler
+        self.default_num_steps = num_steps
+        self.reset()
+
+    def reset(self) -> None:
+        self.step = -1
+        self.branch = 0
+        self.last_t: float | None = None
+        self.generation = 0
+        self._timesteps_id: int | None = None
+
+    def _scheduler_step(self) -> tuple[int | None, int | None, bool]:
+        sch = self.scheduler
+        if sch is None:
+            return None, None, False
+        timesteps = getattr(sch, "timesteps", None)
+        new_schedule = False
+        if isinstance(timesteps, torch.Tensor):
+            new_schedule = self._timesteps_id is not None and id(timesteps) != self._timesteps_id
+            self._timesteps_id = id(timesteps)
+        num = None
+        if isinstance(timesteps, torch.Tensor) and timesteps.numel():
+            num = max(1, int(timesteps.numel()) // max(int(getattr(sch, "order", 1) or 1), 1))
+        if not hasattr(sch, "step_index"):
+            return None, num, new_schedule
+        idx = sch.step_index
+        return (0 if idx is None else int(idx)), num, new_schedule
+
+    def advance(self, timestep: Any) -> tuple[int, int, int, bool]:
+        """Register one denoiser call; returns (step, branch, num_steps, new_generation)."""
+        t = _timestep_value(timestep)
+        sched_step, sched_num, new_schedule = self._scheduler_step()
+        new_gen = False
+        if self.step < 0:
+            new_gen = True
+            step = sched_step if sched_step is not None else 0
+            branch = 0
+        elif sched_step is not None:
+            if new_schedule or sched_step < self.step:
+                new_gen, step, branch = True, sched_step, 0
+            elif sched_step == self.step:
+                step, branch = sched_step, self.branch + 1
+            else:
+                step, branch = sched_step, 0
+        else:
+            if t is not None and self.last_t is not None and t == self.last_t:
+                step, branch = self.step, self.branch + 1
+            elif t is not None and self.last_t is not None and t > self.last_t:
+                new_gen, step, branch = True, 0, 0
+            else:
+                step, branch = self.step + 1, 0
+        if new_gen:
+            self.generation += 1
+        self.step, self.branch, self.last_t = step, branch, t
+        num = sched_num or self.default_num_steps or 50
+        return step, branch, num, new_gen
+
+
+@dataclass
+class ForwardInfo:
+    """What the current denoiser call tells the processors."""
+
+    grid: Grid | None
+    batch: int
+    step: int
+    branch: int
+    num_steps: int
+    generation: int
+
+
+class Stats:
+    """Per-call records of every replaced attention: one row per (layer, step, branch, call)."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.rows.clear()
+
+    def add(self, row: dict[str, Any]) -> None:
+        with self._lock:
+            self.rows.append(row)
+
+    def summary(self) -> dict[str, Any]:
+        """Totals over all rows and a per-layer breakdown (mean density, time, searches, hits)."""
+        per_layer: dict[str, dict[str, Any]] = defaultdict(
+            lambda: {"calls": 0, "density_sum": 0.0, "time_ms": 0.0, "searches": 0, "cache_hits": 0,
+                     "fallbacks": 0, "recall_sum": 0.0, "recall_n": 0}
+        )
+        for r in self.rows:
+            d = per_layer[r["layer"]]
+            d["calls"] += 1
+            d["density_sum"] += float(r.get("density", 1.0))
+            d["time_ms"] += float(r.get("time_ms", 0.0))
+            d["searches"] += int(bool(r.get("search", False)))
+            d["cache_hits"] += int(bool(r.get("cache_hit", False)))
+            d["fallbacks"] += int("fallback" in r)
+            if r.get("recall") is not None:
+                d["recall_sum"] += float(r["recall"])
+                d["recall_n"] += 1
+        layers = {}
+        for name, d in per_layer.items():
+            layers[name] = {
+                "calls": d["calls"],
+                "density": d["density_sum"] / max(d["calls"], 1),
+                "time_ms": d["time_ms"],
+                "searches": d["searches"],
+                "cache_hits": d["cache_hits"],
+                "fallbacks": d["fallbacks"],
+                "recall": (d["recall_sum"] / d["recall_n"]) if d["recall_n"] else None,
+            }
+        calls = sum(d["calls"] for d in layers.values())
+        return {
+            "calls": calls,
+            "density": (sum(d["density"] * d["calls"] for d in layers.values()) / calls) if calls else None,
+            "attention_ms": sum(d["time_ms"] for d in layers.values()),
+            "searches": sum(d["searches"] for d in layers.values()),
+            "cache_hits": sum(d["cache_hits"] for d in layers.values()),
+            "fallbacks": sum(d["fallbacks"] for d in layers.values()),
+            "layers": layers,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps({"rows": self.rows, "summary": self.summary()}, default=str)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __repr__(self) -> str:
+        s = self.summary()
+        dens = "n/a" if s["density"] is None else f"{s['density']:.3f}"
+        return (
+            f"Stats(calls={s['calls']}, density={dens}, attention_ms={s['attention_ms']:.1f}, "
+            f"searches={s['searches']}, cache_hits={s['cache_hits']}, fallbacks={s['fallbacks']})"
+        )
+
+
+@dataclass
+class ModelState:
+    """Everything diffattn keeps for one patched denoiser."""
+
+    spec: ModelSpec
+    names: dict[int, tuple[str, int]] = field(default_factory=dict)  # id(attn module) -> (name, index)
+    tracker: StepTracker = field(default_factory=StepTracker)
+    stats: Stats = field(default_factory=Stats)
+    info: ForwardInfo | None = None
+    methods: list[Any] = field(default_factory=list)  # method objects to reset at a new generation
+    min_tokens: int = 0
+    sync_timing: bool = False
+
+    def begin_forward(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        inputs = bind_forward_args(model, args, kwargs)
+        grid = None
+        try:
+            grid = self.spec.grid(model, inputs)
+        except (KeyError, AttributeError, IndexError, TypeError, ValueError):
+            grid = None
+        batch = 0
+        for value in inputs.values():
+            if isinstance(value, torch.Tensor) and value.ndim >= 2:
+                batch = int(value.shape[0])
+                break
+        step, branch, num, new_gen = self.tracker.advance(inputs.get(self.spec.timestep_arg))
+        if new_gen and self.tracker.generation > 1:
+            for m in self.methods:
+                m.reset()
+        self.info = ForwardInfo(grid, batch, step, branch, num, self.tracker.generation)
+
+    def end_forward(self) -> None:
+        self.info = None
+
+    def timer(self) -> "_Timer":
+        return _Timer(self.sync_timing)
+
+
+class _Timer:
+    def __init__(self, sync: bool) -> None:
+        self.sync = sync and torch.cuda.is_available()
+
+    def __enter__(self) -> "_Timer":
+        if self.sync:
+            torch.cuda.synchronize()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.sync:
+            torch.cuda.synchronize()
+        self.ms = (time.perf_counter() - self.t0) * 1e3
