@@ -1,0 +1,107 @@
+"""Radial attention as a method: a static block mask among video tokens, dense warm-up.
+
+The mask is :func:`diffattn.patterns.radial.radial_block_mask`; text tokens stay dense (handled
+exactly by :class:`~diffattn.methods.sparse.VideoSparseMethod`).
+
+>>> import torch
+>>> from diffattn.methods import AttnContext
+>>> method = RadialMethod(RadialConfig.preset("hunyuan", pattern_block=16, dense_steps=0, backend="torch"))
+>>> q = k = v = torch.randn(1, 2, 6 * 32, 16)
+>>> method.attend(q, k, v, AttnContext(grid=(6, 4, 8), step=20)).shape
+torch.Size([1, 2, 192, 16])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..patterns import radial as radial_pattern
+from .base import AttnContext, MethodConfig, register_method
+from .sparse import Backend, VideoSparseMethod, _check_block_size, kernel_attention
+
+__all__ = ["RadialConfig", "RadialMethod"]
+
+
+@dataclass(frozen=True)
+class RadialConfig(MethodConfig):
+    """Radial attention (arXiv 2506.19852). Defaults are the official Wan 2.1 settings.
+
+    Attributes:
+        decay_factor: scales the in-frame window of frame pairs two or more frames apart
+            (window ``2**bitlen(P) / 2**bitlen(dist) * decay_factor``, floored at ``pattern_block``).
+            Official: 0.2 for Wan, 0.95 for HunyuanVideo.
+        attention_sink: every frame attends densely to the first latent frame. Official: on for Wan,
+            off for HunyuanVideo.
+        dense_layers: the first this many attention layers run dense. Official: 1 (Wan), 0 (HunyuanVideo).
+        dense_steps: the first this many denoising steps (out of 50; scaled to the run's step count)
+            run dense. Official: 12 for both.
+        pattern_block: granularity (tokens) of the rule's window floor, temporal striding and block
+            shrink. Official: 128. This changes *what* is computed, unlike ``block_size``.
+        block_size: tile size (tokens) of the kernel; the pattern is computed exactly at any tile
+            size. Speed only.
+        backend: kernel backend: "auto" (Triton on CUDA, else PyTorch), "triton", "torch" or "flex".
+    """
+
+    decay_factor: float = 0.2
+    attention_sink: bool = True
+    dense_layers: int = 1
+    dense_steps: int = 12
+    pattern_block: int = 128
+    block_size: int = 64
+    backend: Backend = "auto"
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "wan": dict(decay_factor=0.2, attention_sink=True, dense_layers=1, dense_steps=12),
+        "hunyuan": dict(decay_factor=0.95, attention_sink=False, dense_layers=0, dense_steps=12),
+    }
+
+    def validate(self) -> None:
+        if not self.decay_factor > 0:
+            raise ValueError(
+                f"RadialConfig.decay_factor must be > 0 (0.2 Wan, 0.95 HunyuanVideo), got {self.decay_factor}"
+            )
+        if self.dense_layers < 0:
+            raise ValueError(f"RadialConfig.dense_layers must be >= 0, got {self.dense_layers}")
+        if not 0 <= self.dense_steps <= 50:
+            raise ValueError(
+                f"RadialConfig.dense_steps counts steps of a 50-step schedule; use 0..50, got {self.dense_steps}"
+            )
+        _check_block_size(self.pattern_block, "RadialConfig.pattern_block")
+        _check_block_size(self.block_size, "RadialConfig.block_size")
+
+    @classmethod
+    def preset(cls, family: str, **overrides: Any) -> "RadialConfig":
+        """Official settings for a model family (``"wan"`` or ``"hunyuan"``), with overrides."""
+        if family not in cls.PRESETS:
+            raise ValueError(f"unknown Radial preset {family!r}; choose one of {sorted(cls.PRESETS)}")
+        return cls(**{**cls.PRESETS[family], **overrides})
+
+
+@register_method
+class RadialMethod(VideoSparseMethod):
+    """Static radial block mask among video tokens; dense for the warm-up layers and steps."""
+
+    name = "radial"
+    config_cls = RadialConfig
+
+    def use_dense(self, ctx: AttnContext) -> bool:
+        cfg = self.config
+        return ctx.layer_index < cfg.dense_layers or ctx.step < ctx.scaled_step(cfg.dense_steps)
+
+    def layout(self, grid: tuple[int, int, int], device: torch.device):
+        """Kernel layout for video tokens of a latent ``grid`` (cached per shape and device)."""
+        cfg = self.config
+        f, h, w = grid
+        return radial_pattern.radial_layout(
+            f, h * w, cfg.decay_factor, cfg.pattern_block, cfg.attention_sink, cfg.block_size, device
+        )
+
+    def video_attention(self, q, k, v, ctx):
+        hits = radial_pattern.layout_cache_hits()
+        layout = self.layout(ctx.grid, q.device)
+        o, lse = kernel_attention(q, k, v, layout, ctx.scale, self.config.backend)
+        ctx.record(density=layout.density, search=False, cache_hit=radial_pattern.layout_cache_hits() > hits)
+        return o, lse
