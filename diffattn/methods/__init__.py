@@ -10,6 +10,7 @@ from .base import (
     register_method,
 )
 from .sparse import DenseConfig, DenseMethod, VideoSparseMethod
+from .radial import RadialConfig, RadialMethod
 
 __all__ = [
     "AttentionMethod",
@@ -17,6 +18,8 @@ __all__ = [
     "DenseConfig",
     "DenseMethod",
     "MethodConfig",
+    "RadialConfig",
+    "RadialMethod",
     "VideoSparseMethod",
     "get_method_class",
     "make_config",
