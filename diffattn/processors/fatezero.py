@@ -1,0 +1,637 @@
+"""FateZero attention processors: store attention maps during inversion, fuse them during editing.
+
+FateZero (Qi et al., arXiv 2303.09535; official code ChenyangQiQi/FateZero) edits a video without
+training by (1) DDIM-inverting it with a source prompt while keeping every self- and cross-attention
+map of the small-resolution layers, then (2) denoising with a target prompt while swapping those maps
+back in, read in reverse step order so each edit step gets the map of the same timestep:
+
+* cross-attention, steps ``< cross_replace_steps``: replace (word-swap token mapping), refine (maps of
+  tokens aligned between the prompts; new tokens keep their own) and/or reweight (scale chosen tokens);
+* self-attention, steps ``< self_replace_steps``: ``mask * edited + (1 - mask) * inverted``, where the
+  mask comes from the source prompt's cross-attention to the blend words (or is 0 everywhere: full
+  replacement, when no blend words are given);
+* only the conditional half of a classifier-free-guidance batch ``[uncond, cond]`` is changed.
+
+Every UNet self-attention can also be *spatial-temporal*: the frames of a clip sit in the batch
+(``[(B F), N, C]``) and each frame's keys/values are taken from a chosen list of frames (first,
+previous, middle, ...), concatenated along the key axis, which keeps the edit consistent over time.
+
+The processors compute attention **densely and explicitly** (``softmax(q k^T * scale) @ v``): the
+probability maps must exist to be stored and rewritten, so no fused or sparse kernel is used while a
+:class:`FateZeroState` is installed. Pure helpers (frame references, token alignment, blend mask) sit
+at the top and know nothing of diffusers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from ..methods.base import MethodConfig
+
+__all__ = [
+    "FateZeroConfig",
+    "FrameRef",
+    "frame_reference_indices",
+    "spatial_temporal_kv",
+    "word_token_indices",
+    "word_swap_mapper",
+    "refine_mapper",
+    "blend_mask_from_maps",
+    "layer_grid",
+    "AttentionStore",
+    "FateZeroState",
+    "FateZeroAttnProcessor",
+]
+
+FrameRef = Union[int, str]
+_NAMED_REFS = ("self", "first", "previous", "next", "middle", "last")
+_STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+# ---------------------------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class FateZeroConfig(MethodConfig):
+    """What FateZero stores and how it fuses.
+
+    Attributes:
+        self_replace_steps: self-attention fusion runs for edit steps ``[int(lo*N), int(hi*N))``; a float
+            ``hi`` means ``(0, hi)``. Paper/official configs use 0.5–0.9; default 0.8 (the official
+            editing guidance).
+        cross_replace_steps: same for the cross-attention edit. Default 0.8 (paper).
+        cross_mode: ``"replace"`` maps each target token to its source token (word swap; prompts must
+            have the same number of space-separated words — a word that tokenizes to a different number
+            of tokens gets the mean of the source word's token maps), ``"refine"`` copies the maps of
+            tokens aligned by a global token alignment and leaves inserted tokens alone, ``"auto"``
+            (official behaviour, default) picks replace when the word counts match, refine otherwise.
+            Without a tokenizer, replace maps token ``i`` to token ``i`` and refine is unavailable.
+        reweight_words: target-prompt words (or token indices) whose cross-attention is multiplied by
+            ``reweight_values`` after replace/refine (the official "equalizer"; no renormalisation).
+        reweight_values: one factor per reweighted word, e.g. ``(10.0,)`` for a style word.
+        blend_words: source-prompt words (or token indices) to edit. With blend words the self-attention
+            is ``mask * edited + (1 - mask) * inverted``; without, it is the inverted map (mask = 0).
+        blend_threshold: the normalised blend map is thresholded with ``>`` this value. Paper: 0.3.
+        blend_resolution: the blend map averages the stored source cross-attention of the layers whose
+            query grid has ``blend_resolution**2`` tokens (the 16×16 layers of SD at 512 px); on other
+            sizes, the stored cross layers with the nearest token count.
+        max_query_tokens: maps are stored and fused only for layers with at most this many queries per
+            frame. Paper: 32² = 1024 (all but the 64×64 layers of SD at 512 px).
+        frame_refs: keys/values of each frame's self-attention come from these frames, concatenated:
+            ``"first"``, ``"previous"``, ``"next"``, ``"middle"``, ``"last"``, ``"self"`` or an int
+            offset (``-1`` = previous, clamped to the clip). Official configs: ``("middle",)``.
+        temporal_min_channels: spatial-temporal attention only in self-attention layers whose width
+            is at least this; narrower layers attend within their own frame. Official configs: 640.
+        store_dtype: dtype of stored maps. Default fp16 (paper).
+        store_device: where stored maps live. Default ``"cpu"`` (host memory).
+        store_budget_bytes: inversion refuses to start when the stored maps would exceed this many bytes.
+            Default 64 GiB (SD 1.x at 512 px, 8 frames, 50 steps, one reference frame needs ~36 GB).
+    """
+
+    method = "fatezero"
+
+    self_replace_steps: Union[float, tuple[float, float]] = 0.8
+    cross_replace_steps: Union[float, tuple[float, float]] = 0.8
+    cross_mode: Literal["auto", "replace", "refine"] = "auto"
+    reweight_words: tuple[Union[str, int], ...] = ()
+    reweight_values: tuple[float, ...] = ()
+    blend_words: tuple[Union[str, int], ...] = ()
+    blend_threshold: float = 0.3
+    blend_resolution: int = 16
+    max_query_tokens: int = 1024
+    frame_refs: tuple[Union[int, str], ...] = ("middle",)
+    temporal_min_channels: int = 640
+    store_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    store_device: str = "cpu"
+    store_budget_bytes: int = 64 * 2**30
+
+    def validate(self) -> None:
+        for name in ("self_replace_steps", "cross_replace_steps"):
+            lo, hi = _bounds(getattr(self, name))
+            if not 0.0 <= lo <= hi <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: need 0 <= start <= end <= 1")
+        if len(self.reweight_words) != len(self.reweight_values):
+            raise ValueError(
+                f"reweight_words={self.reweight_words!r} and reweight_values={self.reweight_values!r} "
+                "must have the same length (one factor per word)"
+            )
+        if not 0.0 <= self.blend_threshold < 1.0:
+            raise ValueError(f"blend_threshold={self.blend_threshold!r}: need 0 <= value < 1 (paper: 0.3)")
+        if self.blend_resolution < 1 or self.max_query_tokens < 1:
+            raise ValueError("blend_resolution and max_query_tokens must be >= 1")
+        if not self.frame_refs:
+            raise ValueError("frame_refs=(): give at least one frame reference, e.g. ('self',) or ('middle',)")
+        for ref in self.frame_refs:
+            if isinstance(ref, str) and ref not in _NAMED_REFS:
+                raise ValueError(f"frame_refs entry {ref!r}; use one of {list(_NAMED_REFS)} or an int offset")
+        if self.store_budget_bytes < 0:
+            raise ValueError(f"store_budget_bytes={self.store_budget_bytes}: must be >= 0")
+
+    @property
+    def torch_store_dtype(self) -> torch.dtype:
+        return _STORE_DTYPES[self.store_dtype]
+
+
+def _bounds(value: Union[float, tuple[float, float]]) -> tuple[float, float]:
+    return (0.0, float(value)) if isinstance(value, (int, float)) else (float(value[0]), float(value[1]))
+
+
+def step_range(value: Union[float, tuple[float, float]], num_steps: int) -> tuple[int, int]:
+    """Edit steps ``[start, end)`` covered by a fraction (or a ``(start, end)`` pair of fractions)."""
+    lo, hi = _bounds(value)
+    return int(lo * num_steps), int(hi * num_steps)
+
+
+# --------------------------------------------------------------------------------- spatial-temporal
+def frame_reference_indices(num_frames: int, refs: Sequence[FrameRef]) -> list[torch.Tensor]:
+    """For each reference, the source frame of every frame: a list of int64 ``[F]`` index tensors."""
+    out = []
+    f = torch.arange(num_frames)
+    for ref in refs:
+        if isinstance(ref, bool) or not isinstance(ref, (int, str)):
+            raise TypeError(f"frame reference {ref!r} must be an int offset or one of {list(_NAMED_REFS)}")
+        if isinstance(ref, int):
+            idx = (f + ref).clamp(0, num_frames - 1)
+        elif ref == "self":
+            idx = f
+        elif ref == "first":
+            idx = torch.zeros_like(f)
+        elif ref == "last":
+            idx = torch.full_like(f, num_frames - 1)
+        elif ref == "middle":
+            idx = torch.full_like(f, (num_frames - 1) // 2)
+        elif ref == "previous":
+            idx = (f - 1).clamp(min=0)
+        elif ref == "next":
+            idx = (f + 1).clamp(max=num_frames - 1)
+        else:
+            raise ValueError(f"frame reference {ref!r}; use one of {list(_NAMED_REFS)} or an int offset")
+        out.append(idx)
+    return out
+
+
+def spatial_temporal_kv(
+    key: torch.Tensor, value: torch.Tensor, num_frames: int, refs: Sequence[FrameRef]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys/values of each frame taken from its reference frames.
+
+    Args:
+        key, value: ``[(B F), ..., N, D]`` with the frames of each clip adjacent in the batch.
+        num_frames: ``F``; the batch must be a multiple of it.
+        refs: frame references (see :func:`frame_reference_indices`).
+
+    Returns:
+        ``key, value`` of shape ``[(B F), ..., N * len(refs), D]``: reference blocks in ``refs`` order.
+    """
+    bf = key.shape[0]
+    if bf % num_frames:
+        raise ValueError(f"batch {bf} is not a multiple of num_frames={num_frames}")
+    index = frame_reference_indices(num_frames, refs)
+
+    def gather(x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(bf // num_frames, num_frames, *x.shape[1:])
+        x = torch.cat([x[:, i.to(x.device)] for i in index], dim=-2)
+        return x.reshape(bf, *x.shape[2:])
+
+    return gather(key), gather(value)
+
+
+# ------------------------------------------------------------------------------------ token alignment
+def _prompt_words(prompt: str) -> list[str]:
+    return prompt.strip().split(" ")
+
+
+def _norm_word(word: str) -> str:
+    return word.lower().strip(".,;:!?\"'")
+
+
+def _word_token_spans(prompt: str, tokenizer) -> list[list[int]]:
+    """Token positions (BOS = 0) of each space-separated word of ``prompt``."""
+    spans, pos = [], 1
+    for word in _prompt_words(prompt):
+        n = len(tokenizer(word, add_special_tokens=False).input_ids)
+        spans.append(list(range(pos, pos + n)))
+        pos += n
+    total = len(tokenizer(prompt).input_ids)
+    if pos + 1 != total:
+        raise ValueError(
+            f"prompt {prompt!r} tokenizes to {total} tokens but its words separately to {pos + 1}; "
+            "put spaces between words and punctuation, or give token indices instead of words"
+        )
+    return spans
+
+
+def word_token_indices(
+    prompt: Optional[str], words: Sequence[Union[str, int]], tokenizer, max_len: int = 77, what: str = "words"
+) -> list[int]:
+    """Token indices (BOS = 0) of ``words`` in ``prompt``; ints are taken as token indices as they are.
+
+    A word matches every space-separated word of the prompt equal to it (case and trailing
+    punctuation ignored); all its tokens are returned. Words need a tokenizer; without one give ints.
+    """
+    out: list[int] = []
+    spans = None
+    for w in words:
+        if isinstance(w, bool) or not isinstance(w, (str, int)):
+            raise TypeError(f"{what} entry {w!r} must be a word (str) or a token index (int)")
+        if isinstance(w, int):
+            if not 0 <= w < max_len:
+                raise ValueError(f"{what} token index {w} is outside [0, {max_len})")
+            out.append(w)
+            continue
+        if tokenizer is None or prompt is None:
+            raise ValueError(
+                f"{what} entry {w!r} is a word but the pipeline has no tokenizer (or the prompt was given "
+                "as embeddings); give token indices (ints, BOS = 0) instead"
+            )
+        if spans is None:
+            spans = _word_token_spans(prompt, tokenizer)
+        hits = [i for i, pw in enumerate(_prompt_words(prompt)) if _norm_word(pw) == _norm_word(w)]
+        if not hits:
+            raise ValueError(f"{what} entry {w!r} is not a word of the prompt {prompt!r} (words: {_prompt_words(prompt)})")
+        for i in hits:
+            out.extend(p for p in spans[i] if p < max_len)
+    return sorted(set(out))
+
+
+def word_swap_mapper(source: Optional[str], target: Optional[str], tokenizer, max_len: int = 77) -> torch.Tensor:
+    """Word-swap token mapping ``M`` ``[T, T]``: ``edited[..., j] = sum_i stored[..., i] * M[i, j]``.
+
+    Words are aligned one to one by position (the prompts must have the same number of words). Equal
+    words and words with equal token counts map token to token; a swapped word whose token count
+    differs gives every target token the mean of the source word's tokens. BOS, EOS and padding map to
+    themselves. Without a tokenizer (prompt embeddings), the mapping is the identity.
+    """
+    if tokenizer is None or source is None or target is None:
+        return torch.eye(max_len)
+    ws, wt = _prompt_words(source), _prompt_words(target)
+    if len(ws) != len(wt):
+        raise ValueError(
+            f"cross_mode='replace' needs prompts with the same number of words: source {source!r} has "
+            f"{len(ws)}, target {target!r} has {len(wt)}; use cross_mode='refine' (or 'auto')"
+        )
+    ss, st = _word_token_spans(source, tokenizer), _word_token_spans(target, tokenizer)
+    m = torch.zeros(max_len, max_len)
+    m[0, 0] = 1.0
+    for a, b in zip(ss, st):
+        if len(a) == len(b):
+            for i, j in zip(a, b):
+                if i < max_len and j < max_len:
+                    m[i, j] = 1.0
+        else:
+            for j in b:
+                for i in a:
+                    if i < max_len and j < max_len:
+                        m[i, j] = 1.0 / len(a)
+    end_s, end_t = ss[-1][-1] + 1, st[-1][-1] + 1
+    # EOS and padding: the k-th token after the prompt maps to the k-th token after the prompt.
+    for k in range(max_len - max(end_s, end_t)):
+        m[end_s + k, end_t + k] = 1.0
+    return m
+
+
+def _global_align(x: Sequence[int], y: Sequence[int]) -> list[int]:
+    """Needleman–Wunsch (match +1, mismatch -1, gap 0): for each ``y`` position, its ``x`` position or -1."""
+    n, m = len(x), len(y)
+    score = [[0] * (m + 1) for _ in range(n + 1)]
+    move = [[0] * (m + 1) for _ in range(n + 1)]  # 1 = left (gap in x), 2 = up (gap in y), 3 = diagonal
+    for j in range(1, m + 1):
+        move[0][j] = 1
+    for i in range(1, n + 1):
+        move[i][0] = 2
+        for j in range(1, m + 1):
+            left, up = score[i][j - 1], score[i - 1][j]
+            diag = score[i - 1][j - 1] + (1 if x[i - 1] == y[j - 1] else -1)
+            best = max(left, up, diag)
+            score[i][j] = best
+            move[i][j] = 1 if best == left else 2 if best == up else 3
+    out = [-1] * m
+    i, j = n, m
+    while i > 0 or j > 0:
+        if move[i][j] == 3:
+            i, j = i - 1, j - 1
+            out[j] = i
+        elif move[i][j] == 1:
+            j -= 1
+        else:
+            i -= 1
+    return out
+
+
+def refine_mapper(source_ids: Sequence[int], target_ids: Sequence[int], max_len: int = 77) -> tuple[torch.Tensor, torch.Tensor]:
+    """Refinement alignment of two token-id sequences (with BOS/EOS, unpadded).
+
+    Returns ``(index, keep)``, int64 and float ``[T]``: target token ``j`` takes the stored map of
+    source token ``index[j]`` where ``keep[j] = 1``, and keeps its own map where ``keep[j] = 0`` (a
+    token without a match). Positions past the target prompt map to themselves.
+    """
+    align = _global_align(list(source_ids), list(target_ids))
+    index = torch.arange(max_len)
+    keep = torch.ones(max_len)
+    for j, i in enumerate(align[:max_len]):
+        index[j] = max(i, 0)
+        keep[j] = float(i >= 0)
+    return index, keep
+
+
+# ---------------------------------------------------------------------------------------- blend mask
+def layer_grid(num_tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """The ``(h, w)`` grid of a UNet layer with ``num_tokens`` queries for a latent of ``latent_hw``.
+
+    UNet levels halve the grid (rounding up, as stride-2 convolutions with padding 1 do).
+    """
+    h, w = latent_hw
+    while h * w > num_tokens and (h > 1 or w > 1):
+        h, w = -(-h // 2), -(-w // 2)
+    if h * w != num_tokens:
+        raise ValueError(f"{num_tokens} tokens is no UNet level of a {latent_hw} latent")
+    return h, w
+
+
+def blend_mask_from_maps(
+    cross_maps: Sequence[torch.Tensor],
+    grids: Sequence[tuple[int, int]],
+    token_weights: torch.Tensor,
+    out_hw: tuple[int, int],
+    threshold: float,
+) -> torch.Tensor:
+    """FateZero's self-attention blend mask from the source prompt's cross-attention maps.
+
+    Args:
+        cross_maps: per layer ``[F, H, h*w, T]`` probabilities (all layers on the same grid).
+        grids: ``(h, w)`` of each layer.
+        token_weights: ``[T]``, 1 at the blend words' tokens.
+        out_hw: grid ``(h', w')`` of the self-attention layer the mask is for.
+        threshold: keep where the normalised map is ``> threshold``.
+
+    Returns:
+        float ``[F, 1, h'*w', 1]`` of 0/1 (1 = take the edited self-attention), to broadcast over
+        ``[F, H, Nq, Nk]``. The word maps are summed over the blend tokens, averaged over heads and
+        layers, max-pooled 3×3 (stride 1), resized (nearest) and divided by their per-frame max.
+    """
+    per_layer = []
+    for m, (h, w) in zip(cross_maps, grids):
+        word = (m.float() * token_weights.to(m.device, torch.float32)).sum(-1)  # [F, H, h*w]
+        per_layer.append(word.reshape(word.shape[0], word.shape[1], h, w))
+    maps = torch.cat(per_layer, dim=1).mean(1, keepdim=True)  # [F, 1, h, w]
+    maps = F.max_pool2d(maps, kernel_size=3, stride=1, padding=1)
+    maps = F.interpolate(maps, size=out_hw)
+    peak = maps.amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    mask = (maps / peak).gt(threshold).float()
+    return mask.reshape(mask.shape[0], 1, -1, 1)
+
+
+# --------------------------------------------------------------------------------------------- store
+@dataclass
+class StoredLayer:
+    """Shape record of one stored layer: maps are ``[F, heads, queries, keys]``."""
+
+    name: str
+    is_cross: bool
+    heads: int
+    queries: int
+    keys: int
+    grid: tuple[int, int]
+
+
+@dataclass
+class AttentionStore:
+    """Attention maps of every inversion step: ``steps[i][layer] -> [F, H, Nq, Nk]`` (``store_dtype``).
+
+    Step ``i`` is the ``i``-th inversion step (increasing noise); editing step ``j`` of ``N`` reads
+    step ``N - 1 - j``, which ran at the same timestep.
+    """
+
+    dtype: torch.dtype = torch.float16
+    device: str = "cpu"
+    steps: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    layers: dict[str, StoredLayer] = field(default_factory=dict)
+
+    def add(self, step: int, layer: StoredLayer, probs: torch.Tensor) -> None:
+        while len(self.steps) <= step:
+            self.steps.append({})
+        self.layers.setdefault(layer.name, layer)
+        self.steps[step][layer.name] = probs.detach().to(device=self.device, dtype=self.dtype)
+
+    def get(self, step: int, name: str) -> torch.Tensor:
+        try:
+            return self.steps[step][name]
+        except (IndexError, KeyError):
+            raise KeyError(
+                f"no stored attention for layer {name!r} at inversion step {step} (store has "
+                f"{len(self.steps)} steps): invert with the same frames, size and frame_refs as the edit"
+            ) from None
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.steps)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for s in self.steps for t in s.values())
+
+
+# --------------------------------------------------------------------------------------------- state
+@dataclass
+class EditPlan:
+    """Everything the edit needs per step, built once by the pipeline from a :class:`FateZeroConfig`."""
+
+    self_range: tuple[int, int]
+    cross_range: tuple[int, int]
+    mapper: Optional[torch.Tensor] = None  # [T, T] word swap
+    refine_index: Optional[torch.Tensor] = None  # [T]
+    refine_keep: Optional[torch.Tensor] = None  # [T]
+    equalizer: Optional[torch.Tensor] = None  # [T]
+    blend_weights: Optional[torch.Tensor] = None  # [T], None = full self replacement
+    blend_threshold: float = 0.3
+    blend_tokens: int = 256
+
+    def cross_edit(self, stored: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+        """The edited cross-attention ``[F, H, Nq, T]`` from the stored source map and the live one."""
+        if self.mapper is not None:
+            out = torch.einsum("fhqs,st->fhqt", stored, self.mapper.to(stored))
+        elif self.refine_index is not None:
+            keep = self.refine_keep.to(stored)
+            out = stored[..., self.refine_index.to(stored.device)] * keep + current * (1 - keep)
+        else:
+            out = stored
+        if self.equalizer is not None:
+            out = out * self.equalizer.to(out)
+        return out
+
+
+class FateZeroState:
+    """Mutable state shared by the FateZero processors of one UNet.
+
+    ``mode``: ``"off"`` (plain dense attention), ``"store"`` (inversion: keep maps of every call) or
+    ``"edit"`` (fuse stored maps into the conditional half). The pipeline sets ``step``, ``num_steps``,
+    ``num_frames``, ``latent_hw`` and ``cfg`` (batch is ``[uncond, cond]``) before each UNet call.
+    """
+
+    def __init__(self, config: FateZeroConfig):
+        self.config = config
+        self.mode: Literal["off", "store", "edit"] = "off"
+        self.store: Optional[AttentionStore] = None
+        self.plan: Optional[EditPlan] = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.step = 0
+        self.num_steps = 1
+        self.num_frames = 1
+        self.latent_hw: tuple[int, int] = (1, 1)
+        self.cfg = False
+        self._mask_cache: dict[tuple[int, tuple[int, int]], torch.Tensor] = {}
+
+    # -- called by processors -------------------------------------------------------------------
+    def temporal_refs(self, channels: int) -> Sequence[FrameRef]:
+        return self.config.frame_refs if channels >= self.config.temporal_min_channels else ("self",)
+
+    def process(self, name: str, is_cross: bool, heads: int, probs: torch.Tensor) -> torch.Tensor:
+        """Store or rewrite ``probs`` ``[batch, H, Nq, Nk]``; returns the probabilities to apply."""
+        nq = probs.shape[-2]
+        if self.mode == "off" or nq > self.config.max_query_tokens:
+            return probs
+        if self.mode == "store":
+            grid = layer_grid(nq, self.latent_hw)
+            self.store.add(self.step, StoredLayer(name, is_cross, heads, nq, probs.shape[-1], grid), probs)
+            return probs
+        return self._edit(name, is_cross, probs)
+
+    def _edit(self, name: str, is_cross: bool, probs: torch.Tensor) -> torch.Tensor:
+        plan, step = self.plan, self.step
+        lo, hi = plan.cross_range if is_cross else plan.self_range
+        if not lo <= step < hi:
+            return probs
+        stored_step = self.store.num_steps - 1 - step
+        stored = self.store.get(stored_step, name).to(device=probs.device, dtype=probs.dtype)
+        half = probs.shape[0] // 2 if self.cfg else 0
+        current = probs[half:]
+        if stored.shape != current.shape:
+            raise ValueError(
+                f"stored map of {name} has shape {tuple(stored.shape)} but the edit computes "
+                f"{tuple(current.shape)}: edit with the frames, size and frame_refs of the inversion"
+            )
+        if is_cross:
+            edited = plan.cross_edit(stored, current)
+        elif plan.blend_weights is None:
+            edited = stored
+        else:
+            mask = self.blend_mask(stored_step, layer_grid(current.shape[-2], self.latent_hw))
+            mask = mask.to(device=probs.device, dtype=probs.dtype)
+            edited = mask * current + (1 - mask) * stored
+        return torch.cat([probs[:half], edited], dim=0) if half else edited
+
+    def blend_mask(self, stored_step: int, out_hw: tuple[int, int]) -> torch.Tensor:
+        """``[F, 1, h*w, 1]`` blend mask at grid ``out_hw`` from inversion step ``stored_step``."""
+        key = (stored_step, out_hw)
+        if key not in self._mask_cache:
+            cross = [l for l in self.store.layers.values() if l.is_cross]
+            if not cross:
+                raise ValueError("blend_words need stored cross-attention maps; none were stored")
+            target = self.plan.blend_tokens
+            best = min(abs(l.queries - target) for l in cross)
+            chosen = [l for l in cross if abs(l.queries - target) == best]
+            maps = [self.store.get(stored_step, l.name) for l in chosen]
+            self._mask_cache[key] = blend_mask_from_maps(
+                maps, [l.grid for l in chosen], self.plan.blend_weights, out_hw, self.plan.blend_threshold
+            )
+        return self._mask_cache[key]
+
+
+# ----------------------------------------------------------------------------------------- processor
+class FateZeroAttnProcessor:
+    """Dense attention processor for UNet ``Attention`` modules that exposes the probability maps.
+
+    Computes ``softmax(q k^T * scale)`` in fp32, hands it to :meth:`FateZeroState.process` (store or
+    fuse), applies it to ``v`` and the module's output projection. Self-attention layers take their
+    keys/values from the frames in ``state.config.frame_refs`` (spatial-temporal attention, batch
+    ``[(B F), N, C]``). Attention always runs dense here, whatever other processor was installed.
+
+    Args:
+        name: the layer's processor name (``down_blocks.1.attentions.0.transformer_blocks.0.attn1``).
+        state: shared :class:`FateZeroState`.
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, name: str, state: FateZeroState):
+        self.name = name
+        self.state = state
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        temb: Optional[torch.Tensor] = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, hh, ww = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, hh * ww).transpose(1, 2)
+        batch, seq, _ = hidden_states.shape
+        is_cross = encoder_hidden_states is not None
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        context = hidden_states if not is_cross else encoder_hidden_states
+        if is_cross and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        key, value = attn.to_k(context), attn.to_v(context)
+
+        heads = attn.heads
+        q = query.view(batch, -1, heads, query.shape[-1] // heads).transpose(1, 2)
+        k = key.view(batch, -1, heads, key.shape[-1] // heads).transpose(1, 2)
+        v = value.view(batch, -1, heads, value.shape[-1] // heads).transpose(1, 2)
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+
+        state = self.state
+        refs = ("self",) if is_cross else state.temporal_refs(query.shape[-1])
+        if tuple(refs) != ("self",):
+            if attention_mask is not None:
+                raise ValueError(f"{self.name}: spatial-temporal self-attention does not take an attention_mask")
+            k, v = spatial_temporal_kv(k, v, state.num_frames, refs)
+
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale
+        if attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, k.shape[-2], batch)
+            scores = scores + mask.view(batch, heads, -1, k.shape[-2]).float()
+        probs = scores.softmax(dim=-1)
+        probs = state.process(self.name, is_cross, heads, probs)
+        out = torch.matmul(probs.to(v.dtype), v)
+        out = out.transpose(1, 2).reshape(batch, -1, heads * v.shape[-1])
+
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, c, hh, ww)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def install(unet: torch.nn.Module, state: FateZeroState) -> dict[str, Any]:
+    """Put a :class:`FateZeroAttnProcessor` on every attention layer; returns the previous processors."""
+    previous = dict(unet.attn_processors)
+    unet.set_attn_processor({name: FateZeroAttnProcessor(name[: -len(".processor")], state) for name in previous})
+    return previous
+
+
+def uninstall(unet: torch.nn.Module, previous: dict[str, Any]) -> None:
+    """Restore the processors returned by :func:`install`."""
+    unet.set_attn_processor(previous)
