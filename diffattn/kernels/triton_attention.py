@@ -1,0 +1,236 @@
+"""Block-sparse flash attention forward in Triton, returning the natural-log LSE.
+
+One program handles one query block of one (batch, head) and visits only the key blocks listed in the
+layout, with an online softmax in fp32 (base-2 exponentials, ``log2(e)`` folded into the scale).
+Sequence tails, head dims that are not powers of two and partial (token-masked) blocks are handled
+with load/score masks, so q, k and v are read in place through their strides.
+
+File order: kernel → launcher → public function.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import BlockSparseLayout
+
+__all__ = ["triton_block_sparse_attention"]
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+_MAX_TILE = 128
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _configs() -> list[triton.Config]:
+    if _interpreting():
+        # The CPU interpreter cannot benchmark several configs; one is enough for correctness.
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    # Hopper: 64/128-row tiles are fed by 4 warps (one warpgroup) or 8; 2-4 stages hide K/V latency
+    # within the 228 KB of shared memory. Configs that do not fit are discarded by the autotuner.
+    return [
+        triton.Config({}, num_warps=w, num_stages=s)
+        for w, s in ((4, 2), (4, 3), (4, 4), (8, 2), (8, 3), (8, 4))
+    ]
+
+
+@triton.autotune(configs=_configs(), key=["BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "HAS_PARTIAL"])
+@triton.jit
+def _block_sparse_fwd_kernel(
+    Q, K, V, O, LSE,
+    KV_IDX, KV_CNT, KV_MID, BMASK,
+    qk_scale,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_lb, stride_lh, stride_ln,
+    stride_ib, stride_ih, stride_im, stride_ik,
+    stride_cb, stride_ch, stride_cm,
+    stride_mb, stride_mh, stride_mm, stride_mk,
+    stride_pp, stride_pi, stride_pj,
+    H, N_Q, N_K, D, DV,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    HAS_PARTIAL: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_j = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < N_Q
+    if EVEN_D:
+        d_ok = offs_d < BLOCK_D
+        dv_ok = offs_dv < BLOCK_DV
+    else:
+        d_ok = offs_d < D
+        dv_ok = offs_dv < DV
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    count = tl.load(KV_CNT + b * stride_cb + h * stride_ch + pid_m * stride_cm)
+    idx_base = KV_IDX + b * stride_ib + h * stride_ih + pid_m * stride_im
+    mid_base = KV_MID + b * stride_mb + h * stride_mh + pid_m * stride_mm
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    for t in range(0, count):
+        kb = tl.load(idx_base + t * stride_ik)
+        offs_n = kb * BLOCK_N + offs_j
+        col_ok = offs_n < N_K
+        kb_tile = tl.load(
+            k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+            mask=col_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            kb_tile = kb_tile.to(tl.float32)
+        s = tl.dot(q, tl.trans(kb_tile), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        if HAS_PARTIAL:
+            mid = tl.load(mid_base + t * stride_mk)
+            if mid >= 0:
+                keep = tl.load(
+                    BMASK + mid.to(tl.int64) * stride_pp
+                    + (offs_m - pid_m * BLOCK_M)[:, None] * stride_pi
+                    + offs_j[None, :] * stride_pj
+                )
+                s = tl.where(keep != 0, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with every score masked so far keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+
+        vb = tl.load(
+            v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+            mask=col_ok[:, None] & dv_ok[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            vb = vb.to(tl.float32)
+        acc = tl.dot(p.to(vb.dtype), vb, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    has = l_i > 0.0
+    l_safe = tl.where(has, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
+    tl.store(LSE + b * stride_lb + h * stride_lh + offs_m * stride_ln, lse, mask=row_ok)
+
+
+def _launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockSparseLayout,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    b, h, nq, d = q.shape
+    nk, dv = k.shape[-2], v.shape[-1]
+    bq, bk = layout.block_q, layout.block_k
+    mq = layout.num_q_blocks
+    kmax = layout.max_kv
+
+    o = torch.empty(b, h, nq, dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
+    # expand() gives stride 0 on size-1 batch/head dims: one pattern serves every head without copies.
+    idx = layout.kv_indices.expand(b, h, mq, kmax)
+    cnt = layout.kv_counts.expand(b, h, mq)
+    if layout.kv_mask_ids is not None:
+        mid = layout.kv_mask_ids.expand(b, h, mq, kmax)
+        bmask = layout.block_masks.view(torch.uint8)
+        has_partial = True
+    else:
+        mid, bmask, has_partial = idx, idx.new_zeros(1, 1, 1).view(torch.uint8), False
+
+    block_d = max(16, triton.next_power_of_2(d))
+    block_dv = max(16, triton.next_power_of_2(dv))
+    upcast = q.dtype == torch.bfloat16 and _interpreting()
+    # fp32 inputs ask for fp32 results: no TF32 rounding of the operands.
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+
+    grid = (mq, b * h)
+    _block_sparse_fwd_kernel[grid](
+        q, k, v, o, lse,
+        idx, cnt, mid, bmask,
+        scale * _LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *lse.stride(),
+        *idx.stride(), *cnt.stride(), *mid.stride(), *bmask.stride(),
+        h, nq, nk, d, dv,
+        BLOCK_M=bq,
+        BLOCK_N=bk,
+        BLOCK_D=block_d,
+        BLOCK_DV=block_dv,
+        EVEN_D=(block_d == d and block_dv == dv),
+        HAS_PARTIAL=has_partial,
+        UPCAST=upcast,
+        DOT_PRECISION=precision,
+    )
+    return o, lse
+
+
+def triton_block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockSparseLayout,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention with the Triton kernel.
+
+    Args:
+        q: ``[B, H, Nq, D]``; k: ``[B, H, Nk, D]``; v: ``[B, H, Nk, Dv]`` — fp16, bf16 or fp32, any
+            strides, on CUDA (or CPU under ``TRITON_INTERPRET=1``); ``D, Dv <= 256``.
+        layout: ``ceil(Nq/block_q)`` query blocks and ``ceil(Nk/block_k)`` key blocks, batch/head dims
+            1 or matching; ``block_q, block_k`` in 16..128 are the kernel's tile.
+        scale: softmax scale, default ``D ** -0.5``.
+
+    Returns:
+        ``o`` ``[B, H, Nq, Dv]`` in q's dtype and ``lse`` float32 ``[B, H, Nq]`` (natural log). Rows that
+        see no key give zeros and ``lse = -inf``.
+    """
+    b, h, nq, d = q.shape
+    if layout.block_q > _MAX_TILE or layout.block_k > _MAX_TILE:
+        raise ValueError(
+            f"the Triton kernel tiles by the layout's blocks and supports block_q, block_k <= {_MAX_TILE}, "
+            f"got ({layout.block_q}, {layout.block_k}); build the layout with smaller blocks or use "
+            "backend='torch'"
+        )
+    layout.check_inputs(b, h, nq, k.shape[-2])
+    if layout.kv_indices.device != q.device:
+        layout = layout.to(q.device)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    return _launch(q, k, v, layout, scale)

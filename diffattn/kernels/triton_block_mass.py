@@ -1,0 +1,138 @@
+"""Attention mass per (query block, key block) tile in Triton, given each query's LSE.
+
+``mass[b, h, i, j] = sum_{r in Qblk i, c in Kblk j} exp(q_r . k_c * scale - lse_r)``: one pass over
+``Q K^T`` tile by tile (no ``P V``, no ``Nq x Nk`` buffer). Tails past the sequence ends and rows
+whose LSE is ``-inf`` contribute nothing.
+
+File order: kernel → launcher → public function.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import cdiv
+
+__all__ = ["triton_block_mass"]
+
+_LOG2E = 1.4426950408889634
+_MAX_TILE = 128
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _configs() -> list[triton.Config]:
+    if _interpreting():
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (4, 3), (8, 2), (8, 3))
+    ]
+
+
+@triton.autotune(configs=_configs(), key=["BLOCK_M", "BLOCK_N", "BLOCK_D"])
+@triton.jit
+def _block_mass_kernel(
+    Q, K, LSE, OUT,
+    qk_scale,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_lb, stride_lh, stride_ln,
+    stride_ob, stride_oh, stride_om, stride_ok,
+    H, N_Q, N_K, D, M_K,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_j = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+        mask=(offs_m[:, None] < N_Q) & d_ok[None, :],
+        other=0.0,
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+    lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_m * stride_ln, mask=offs_m < N_Q, other=float("-inf"))
+    # -inf rows (and the query tail) are dropped below; shift them by 0 so no inf - inf appears.
+    row_ok = lse > float("-inf")
+    lse2 = tl.where(row_ok, lse * 1.4426950408889634, 0.0)
+
+    k_base = K + b * stride_kb + h * stride_kh
+    out_base = OUT + b * stride_ob + h * stride_oh + pid_m * stride_om
+    for j in range(0, M_K):
+        offs_n = j * BLOCK_N + offs_j
+        col_ok = offs_n < N_K
+        kt = tl.load(
+            k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+            mask=col_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            kt = kt.to(tl.float32)
+        s = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION) * qk_scale - lse2[:, None]
+        p = tl.where(row_ok[:, None] & col_ok[None, :], tl.math.exp2(s), 0.0)
+        tl.store(out_base + j * stride_ok, tl.sum(tl.sum(p, 1), 0))
+
+
+def _launch(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, block_q: int, block_k: int, scale: float):
+    b, h, nq, d = q.shape
+    nk = k.shape[-2]
+    mq, mk = cdiv(nq, block_q), cdiv(nk, block_k)
+    out = torch.empty(b, h, mq, mk, dtype=torch.float32, device=q.device)
+    lse = lse.float()
+    block_d = max(16, triton.next_power_of_2(d))
+    _block_mass_kernel[(mq, b * h)](
+        q, k, lse, out,
+        scale * _LOG2E,
+        *q.stride(), *k.stride(), *lse.stride(), *out.stride(),
+        h, nq, nk, d, mk,
+        BLOCK_M=block_q,
+        BLOCK_N=block_k,
+        BLOCK_D=block_d,
+        UPCAST=q.dtype == torch.bfloat16 and _interpreting(),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    return out
+
+
+def triton_block_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    block_q: int = 64,
+    block_k: int = 64,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention mass of every tile with the Triton kernel.
+
+    Args:
+        q: ``[B, H, Nq, D]``; k: ``[B, H, Nk, D]`` (fp16, bf16 or fp32, any strides, ``D <= 256``).
+        lse: ``[B, H, Nq]`` natural-log LSE of each query (``-inf`` rows contribute nothing).
+        block_q, block_k: tile sizes, powers of two in 16..128.
+        scale: softmax scale, default ``D ** -0.5``.
+
+    Returns:
+        float32 ``[B, H, ceil(Nq/block_q), ceil(Nk/block_k)]``.
+    """
+    for name, value in (("block_q", block_q), ("block_k", block_k)):
+        if not isinstance(value, int) or value < 16 or value > _MAX_TILE or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two in 16..{_MAX_TILE}, got {value!r}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _launch(q, k, lse, block_q, block_k, scale)
