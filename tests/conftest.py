@@ -1,7 +1,11 @@
 import os
+import sys
 
 import pytest
 import torch
+
+# Test helpers (tolerances, tiny_models) import both as `tests.x` and as plain `x`.
+sys.path.insert(0, os.path.dirname(__file__))
 
 # Without CUDA, Triton kernels run in the CPU interpreter; this must be set before triton.jit runs.
 if not torch.cuda.is_available():
