@@ -107,30 +107,29 @@ def _good() -> BlockSparseLayout:
     return BlockSparseLayout.from_block_mask(torch.rand(2, 3, 4, 5) < 0.6, 32, 32)
 
 
-@pytest.mark.parametrize(
-    "name,edit,match",
-    [
-        ("index-out-of-range", lambda l: replace(l, kv_indices=l.kv_indices.clamp_min(0) + 9, kv_counts=torch.ones_like(l.kv_counts)), "out of range"),
-        ("negative-index", lambda l: replace(l, kv_indices=torch.full_like(l.kv_indices, -3), kv_counts=torch.ones_like(l.kv_counts)), "out of range"),
-        ("duplicate", lambda l: replace(l, kv_indices=torch.zeros(2, 3, 4, 2, dtype=torch.int32), kv_counts=torch.full((2, 3, 4), 2, dtype=torch.int32)), "strictly increasing"),
-        ("decreasing", lambda l: replace(l, kv_indices=torch.tensor([3, 1], dtype=torch.int32).expand(2, 3, 4, 2).contiguous(), kv_counts=torch.full((2, 3, 4), 2, dtype=torch.int32)), "strictly increasing"),
-        ("count-too-large", lambda l: replace(l, kv_counts=torch.full_like(l.kv_counts, l.max_kv + 1)), "kv_counts must lie"),
-        ("count-negative", lambda l: replace(l, kv_counts=torch.full_like(l.kv_counts, -1)), "kv_counts must lie"),
-        ("int64", lambda l: replace(l, kv_indices=l.kv_indices.long()), "int32"),
-        ("shape-mismatch", lambda l: replace(l, kv_counts=l.kv_counts[:, :, :3]), "disagree"),
-        ("indices-3d", lambda l: replace(l, kv_indices=l.kv_indices[0]), "4-D"),
-        ("no-kv-blocks", lambda l: replace(l, num_kv_blocks=0), "num_kv_blocks"),
-        ("seq-q-mismatch", lambda l: replace(l, seq_q=200), "seq_q=200"),
-        ("seq-k-mismatch", lambda l: replace(l, seq_k=64), "seq_k=64"),
-        ("block-not-pow2", lambda l: replace(l, block_q=48), "block_q"),
-        ("block-too-small", lambda l: replace(l, block_k=8), "block_k"),
-        ("mask-ids-alone", lambda l: replace(l, kv_mask_ids=torch.full_like(l.kv_indices, -1)), "together"),
-        ("block-masks-shape", lambda l: replace(l, kv_mask_ids=torch.full_like(l.kv_indices, -1), block_masks=torch.ones(1, 16, 32, dtype=torch.bool)), "block_masks"),
-        ("mask-id-range", lambda l: replace(l, kv_mask_ids=torch.full_like(l.kv_indices, 1), block_masks=torch.ones(1, 32, 32, dtype=torch.bool)), "kv_mask_ids must lie"),
-    ],
-    ids=lambda x: x if isinstance(x, str) and "-" in x else "",
-)
-def test_malformed_layouts_rejected(name, edit, match):  # noqa: ARG001 - name is the test id
+_MALFORMED = [
+    ("index-out-of-range", lambda l: replace(l, kv_indices=l.kv_indices.clamp_min(0) + 9, kv_counts=torch.ones_like(l.kv_counts)), "out of range"),
+    ("negative-index", lambda l: replace(l, kv_indices=torch.full_like(l.kv_indices, -3), kv_counts=torch.ones_like(l.kv_counts)), "out of range"),
+    ("duplicate", lambda l: replace(l, kv_indices=torch.zeros(2, 3, 4, 2, dtype=torch.int32), kv_counts=torch.full((2, 3, 4), 2, dtype=torch.int32)), "strictly increasing"),
+    ("decreasing", lambda l: replace(l, kv_indices=torch.tensor([3, 1], dtype=torch.int32).expand(2, 3, 4, 2).contiguous(), kv_counts=torch.full((2, 3, 4), 2, dtype=torch.int32)), "strictly increasing"),
+    ("count-too-large", lambda l: replace(l, kv_counts=torch.full_like(l.kv_counts, l.max_kv + 1)), "kv_counts must lie"),
+    ("count-negative", lambda l: replace(l, kv_counts=torch.full_like(l.kv_counts, -1)), "kv_counts must lie"),
+    ("int64", lambda l: replace(l, kv_indices=l.kv_indices.long()), "int32"),
+    ("shape-mismatch", lambda l: replace(l, kv_counts=l.kv_counts[:, :, :3]), "disagree"),
+    ("indices-3d", lambda l: replace(l, kv_indices=l.kv_indices[0]), "4-D"),
+    ("no-kv-blocks", lambda l: replace(l, num_kv_blocks=0), "num_kv_blocks"),
+    ("seq-q-mismatch", lambda l: replace(l, seq_q=200), "seq_q=200"),
+    ("seq-k-mismatch", lambda l: replace(l, seq_k=64), "seq_k=64"),
+    ("block-not-pow2", lambda l: replace(l, block_q=48), "block_q"),
+    ("block-too-small", lambda l: replace(l, block_k=8), "block_k"),
+    ("mask-ids-alone", lambda l: replace(l, kv_mask_ids=torch.full_like(l.kv_indices, -1)), "together"),
+    ("block-masks-shape", lambda l: replace(l, kv_mask_ids=torch.full_like(l.kv_indices, -1), block_masks=torch.ones(1, 16, 32, dtype=torch.bool)), "block_masks"),
+    ("mask-id-range", lambda l: replace(l, kv_mask_ids=torch.full_like(l.kv_indices, 1), block_masks=torch.ones(1, 32, 32, dtype=torch.bool)), "kv_mask_ids must lie"),
+]
+
+
+@pytest.mark.parametrize("edit,match", [pytest.param(e, m, id=n) for n, e, m in _MALFORMED])
+def test_malformed_layouts_rejected(edit, match):
     with pytest.raises(ValueError, match=match):
         edit(_good())
 
