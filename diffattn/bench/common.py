@@ -1,0 +1,91 @@
+"""Shared pieces of the benchmarks: environment facts, timing, JSON-lines output."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["environment", "write_rows", "timed", "default_output", "device_slug"]
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device: torch.device | str | None = None) -> dict[str, Any]:
+    """Device name, library versions and commit, stamped on every benchmark row."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        import diffusers
+
+        diffusers_version = diffusers.__version__
+    except ImportError:
+        diffusers_version = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {
+        "device": name,
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "diffusers": diffusers_version,
+        "commit": _git_commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "host_cpus": os.cpu_count(),
+    }
+
+
+def device_slug(env: dict[str, Any]) -> str:
+    return "".join(c if c.isalnum() else "-" for c in env["device"].lower()).strip("-") or "cpu"
+
+
+def default_output(kind: str, env: dict[str, Any]) -> Path:
+    day = env["date"][:10]
+    return Path("benchmarks") / "results" / f"{day}-{device_slug(env)}-{kind}.jsonl"
+
+
+def write_rows(rows: list[dict[str, Any]], path: Path | str) -> Path:
+    """Append rows to a JSON-lines file (one flush per row, so an interrupted run keeps what it did)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        for row in rows:
+            f.write(json.dumps(row, default=str) + "\n")
+            f.flush()
+    return path
+
+
+def timed(fn: Callable[[], Any], device: torch.device, warmup: int = 1, repeat: int = 3) -> float:
+    """Median wall time of ``fn`` in milliseconds (CUDA-synchronised on GPUs)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
