@@ -1,0 +1,1 @@
+from .fatezero import FateZeroPipeline
