@@ -11,8 +11,11 @@ from .base import (
 )
 from .sparse import DenseConfig, DenseMethod, VideoSparseMethod
 from .radial import RadialConfig, RadialMethod
+from .adaspa import AdaSpaConfig, AdaSpaMethod
 
 __all__ = [
+    "AdaSpaConfig",
+    "AdaSpaMethod",
     "AttentionMethod",
     "AttnContext",
     "DenseConfig",
