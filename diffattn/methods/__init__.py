@@ -11,9 +11,13 @@ from .base import (
 )
 from .sparse import DenseConfig, DenseMethod, VideoSparseMethod
 from .radial import RadialConfig, RadialMethod
+from .tome import ToMeConfig, ToMeMethod
+from .agent import AgentConfig, AgentMethod
 from .adaspa import AdaSpaConfig, AdaSpaMethod
 
 __all__ = [
+    "AgentConfig",
+    "AgentMethod",
     "AdaSpaConfig",
     "AdaSpaMethod",
     "AttentionMethod",
@@ -23,6 +27,8 @@ __all__ = [
     "MethodConfig",
     "RadialConfig",
     "RadialMethod",
+    "ToMeConfig",
+    "ToMeMethod",
     "VideoSparseMethod",
     "get_method_class",
     "make_config",
