@@ -11,6 +11,7 @@ from .base import (
 )
 from .sparse import DenseConfig, DenseMethod, VideoSparseMethod
 from .radial import RadialConfig, RadialMethod
+from .gna import GNAConfig, GNAMethod
 from .tome import ToMeConfig, ToMeMethod
 from .agent import AgentConfig, AgentMethod
 from .adaspa import AdaSpaConfig, AdaSpaMethod
@@ -24,6 +25,8 @@ __all__ = [
     "AttnContext",
     "DenseConfig",
     "DenseMethod",
+    "GNAConfig",
+    "GNAMethod",
     "MethodConfig",
     "RadialConfig",
     "RadialMethod",
