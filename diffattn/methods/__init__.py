@@ -15,6 +15,7 @@ from .gna import GNAConfig, GNAMethod
 from .tome import ToMeConfig, ToMeMethod
 from .agent import AgentConfig, AgentMethod
 from .adaspa import AdaSpaConfig, AdaSpaMethod
+from .paro import PAROConfig, PAROMethod
 
 __all__ = [
     "AgentConfig",
@@ -28,6 +29,8 @@ __all__ = [
     "GNAConfig",
     "GNAMethod",
     "MethodConfig",
+    "PAROConfig",
+    "PAROMethod",
     "RadialConfig",
     "RadialMethod",
     "ToMeConfig",
