@@ -22,8 +22,8 @@ The processor changes only the *target's* self-attention; references attend to t
 
 Regions are given per subject as a normalised ``(x0, y0, x1, y1)`` box or a mask (any resolution) for
 the target and for the reference images. On a layer's ``h x w`` grid a cell belongs to a box when the
-cell centre lies inside it (``[x0, x1) x [y0, y1)``); a box that covers no centre keeps the one cell under
-its centre. A mask is area-resized to the grid and thresholded at 0.5 (if nothing survives, its strongest
+cell centre lies inside it (``[x0, x1) x [y0, y1)``); along an axis where the box covers no centre it
+keeps the cell under the box's centre. A mask is area-resized to the grid and thresholded at 0.5 (if nothing survives, its strongest
 cell is kept). Where target regions overlap, the cell goes to the *smaller* region (a small subject in
 front of a large one is not swallowed); equal areas go to the later subject. The official code
 post-processes its segmentation masks to be disjoint as well.
@@ -207,8 +207,8 @@ class IRRegions:
 def box_cells(box: Sequence[float], h: int, w: int) -> tuple[int, int, int, int]:
     """Cells ``(r0, r1, c0, c1)`` (half-open) of an ``h x w`` grid whose centres lie in ``box``.
 
-    ``box`` is normalised ``(x0, y0, x1, y1)``. A box covering no cell centre keeps the cell under
-    its own centre, so every subject has at least one cell on every grid.
+    ``box`` is normalised ``(x0, y0, x1, y1)``. Along an axis where the box covers no cell centre it
+    keeps the cell under the box's centre, so every subject has at least one cell on every grid.
     """
     x0, y0, x1, y1 = box
 
@@ -216,7 +216,7 @@ def box_cells(box: Sequence[float], h: int, w: int) -> tuple[int, int, int, int]
         lo, hi = math.ceil(a * n - 0.5), math.ceil(b * n - 0.5)
         lo, hi = max(lo, 0), min(hi, n)
         if hi <= lo:
-            c = min(max(int((a + b) / 2 * n), 0), n - 1)
+            c = min(int((a + b) / 2 * n), n - 1)
             lo, hi = c, c + 1
         return lo, hi
 
