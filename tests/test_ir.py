@@ -458,6 +458,16 @@ def test_from_layer_and_from_step(sd):
         assert {r["step"] for r in ir.state.records} == {0, 1, 2, 3}
 
 
+def test_step_restarts_at_a_new_generation(sd):
+    unet = sd.unet
+    sample, _, ctx, kw = _unet_inputs(sd, 3)
+    with IRAttention(unet, IRConfig(), IRRegions(target=BOXES_T, reference=BOXES_R), capture=True) as ir:
+        for t in (900, 500, 100, 900, 500):
+            _run(unet, (sample, torch.tensor(t), ctx, kw))
+    steps = [r["step"] for r in ir.state.records if r["layer_index"] == 0]
+    assert steps == [0, 1, 2, 0, 1]
+
+
 def test_default_start_layer_scales_official_sdxl_setting():
     assert IRConfig().resolved_start_layer(70) == 36
     assert IRConfig().resolved_start_layer(16) == 8

@@ -1,1 +1,2 @@
 from .fatezero import FateZeroPipeline
+from .ir import IRDiffusionPipeline

@@ -212,6 +212,10 @@ class IRDiffusionPipeline:
         if region_steps is not None and not 1 <= region_steps:
             raise ValueError(f"region_steps={region_steps} must be >= 1 (or None for all steps)")
         config = IRConfig() if config is None else config
+        if not isinstance(config, IRConfig):
+            raise TypeError(f"config must be an IRConfig, got {type(config).__name__}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError("generator must be one torch.Generator (the batch shares one noise draw)")
 
         target = self._user_regions(boxes, masks, n, "boxes", "masks")
         reference = self._user_regions(reference_boxes, reference_masks, n, "reference_boxes", "reference_masks")

@@ -407,7 +407,8 @@ class IRState:
         config: the :class:`IRConfig`.
         regions: subject regions (``None`` while only capturing subject maps).
         num_layers: number of self-attention layers.
-        step: index of the current UNet call (one per denoising step; CFG is batched).
+        step: index of the current UNet call (one per denoising step; CFG is batched). A timestep
+            larger than the previous call's starts a new generation at step 0.
         latent_hw: latent grid of the current call.
         capture: when True, processors record ``q``, keys, probabilities and masks in ``records``.
     """
@@ -421,15 +422,26 @@ class IRState:
     records: list = field(default_factory=list)
     plans: dict = field(default_factory=dict)
     subject_maps: dict = field(default_factory=dict)
+    last_timestep: float | None = None
 
     def reset(self) -> None:
         self.step = -1
         self.latent_hw = None
+        self.last_timestep = None
         self.records.clear()
         self.plans.clear()
         self.subject_maps.clear()
 
-    def on_unet_forward(self, sample: torch.Tensor) -> None:
+    def on_unet_forward(self, sample: torch.Tensor, timestep: Any = None) -> None:
+        t = None
+        if isinstance(timestep, torch.Tensor) and timestep.numel() > 0:
+            t = float(timestep.flatten()[0])
+        elif isinstance(timestep, (int, float)):
+            t = float(timestep)
+        # Denoising runs from high to low timesteps; going back up means a new generation began.
+        if t is not None and self.last_timestep is not None and t > self.last_timestep:
+            self.step = -1
+        self.last_timestep = t
         self.step += 1
         self.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
 
@@ -579,7 +591,8 @@ class IRAttnProcessor:
             v_r = v_r.view(ngroups, n, *v_r.shape[1:]).transpose(1, 2).flatten(2, 3)
             keys = torch.cat([k_r, k[tgt]], dim=2)
             values = torch.cat([v_r, v[tgt]], dim=2)
-            allowed = plan.allowed_ref if use_iso else ir_allowed_mask(plan.labels, plan.ref_allowed, False)
+            # use_ref without use_iso only happens with config.isolation off, which the plan reflects.
+            allowed = plan.allowed_ref
         else:
             keys, values = k[tgt], v[tgt]
             allowed = plan.allowed_iso
@@ -714,7 +727,8 @@ class IRAttention:
 
     def _pre_hook(self, module, args, kwargs):
         sample = args[0] if args else kwargs["sample"]
-        self.state.on_unet_forward(sample)
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        self.state.on_unet_forward(sample, timestep)
 
     def remove(self) -> None:
         """Restore the original processor objects and drop the step hook."""
