@@ -474,6 +474,36 @@ def test_default_start_layer_scales_official_sdxl_setting():
     assert IRConfig(start_layer=3).resolved_start_layer(16) == 3
 
 
+def test_subject_maps_average_token_attention():
+    """Maps = mean over calls of the head-averaged attention to the subject's tokens, upsampled."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from diffattn.processors.ir import SubjectMapProcessor
+
+    torch.manual_seed(2)
+    attn = Attention(query_dim=16, cross_attention_dim=8, heads=2, dim_head=8).eval()
+    state = IRState(config=IRConfig(), latent_hw=(8, 6))
+    tokens = {1: [[2, 3], [5]], 2: [[4]]}
+    state.subject_maps.update(tokens=tokens, sum={}, count=0)
+    attn.set_processor(SubjectMapProcessor(state, AttnProcessor2_0(), max_tokens=64))
+    hs, ctx = torch.randn(3, 12, 16), torch.randn(3, 7, 8)
+    calls = [(hs, ctx), (hs * 0.5, ctx.flip(1))]
+    with torch.no_grad():
+        for x, c in calls:
+            plain = AttnProcessor2_0()(attn, x, c)
+            torch.testing.assert_close(attn(x, encoder_hidden_states=c), plain)
+        for row, subjects in tokens.items():
+            expected = 0
+            for x, c in calls:
+                q = attn.to_q(x[row]).view(12, 2, 8).transpose(0, 1)
+                k = attn.to_k(c[row]).view(7, 2, 8).transpose(0, 1)
+                p = ((q @ k.transpose(-1, -2)) * attn.scale).softmax(-1).mean(0)  # [12, 7]
+                m = torch.stack([p[:, idx].sum(-1) for idx in subjects]).view(-1, 1, 4, 3)  # grid of 8x6 /2
+                expected = expected + F.interpolate(m, size=(8, 6), mode="bilinear", align_corners=False)[:, 0]
+            assert_close(state.subject_maps["sum"][row], expected, torch.float32)
+    assert state.subject_maps["count"] == 2 and 0 not in state.subject_maps["sum"]
+
+
 # -------------------------------------------------------------------------------------- pipelines
 PROMPTS = ["a photo of a dog", "a photo of a boy"]
 SCENE = "a dog and a boy on the beach"
