@@ -287,9 +287,10 @@ def word_swap_mapper(source: Optional[str], target: Optional[str], tokenizer, ma
                     if i < max_len and j < max_len:
                         m[i, j] = 1.0 / len(a)
     end_s, end_t = ss[-1][-1] + 1, st[-1][-1] + 1
-    # EOS and padding: the k-th token after the prompt maps to the k-th token after the prompt.
-    for k in range(max_len - max(end_s, end_t)):
-        m[end_s + k, end_t + k] = 1.0
+    # EOS and padding: the k-th token after the target prompt takes the k-th token after the source
+    # prompt (the last source position once those run out), so every target column sums to 1.
+    for k in range(max_len - end_t):
+        m[min(end_s + k, max_len - 1), end_t + k] = 1.0
     return m
 
 
