@@ -325,3 +325,46 @@ def test_bad_config_names_the_field(field, value):
 def test_config_json_round_trip():
     cfg = AdaSpaConfig(search_steps=(10, 20, 40), mode="recall")
     assert AdaSpaConfig.from_json(cfg.to_json()) == cfg
+
+
+# ------------------------------------------------------------------------- through diffattn.apply
+def _run_steps(model, name, grid, timesteps):
+    from tests import tiny_models as T
+
+    kw = T.inputs(name, grid)
+    outs = []
+    for t in timesteps:
+        kw["timestep"] = torch.full_like(kw["timestep"], t)
+        outs.append(T.run(model, kw))
+    return outs
+
+
+@pytest.mark.parametrize("name", ["wan", "cogvideox"])
+def test_adaspa_through_apply_on_tiny_models(name):
+    import diffattn
+    from tests import tiny_models as T
+    from tests.tolerances import MODEL_TOL
+
+    model = T.build(name)
+    grid = T.TINY[name].grids[0]
+    timesteps = [900, 700, 500, 300]  # 4 steps: warm-up until 1, searches at 1 and 2
+    dense = _run_steps(model, name, grid, timesteps)
+    # Keeping every block must reproduce the model exactly, through search, cache and text merge.
+    diffattn.apply(model, "adaspa", sparsity=0.0, head_adaptive=False, block_size=16, backend="torch",
+                   min_tokens=0, num_steps=4)
+    full = _run_steps(model, name, grid, timesteps)
+    diffattn.remove(model)
+    for a, b in zip(full, dense):
+        torch.testing.assert_close(a, b, atol=MODEL_TOL[0], rtol=MODEL_TOL[1])
+    diffattn.apply(model, "adaspa", sparsity=0.6, block_size=16, backend="torch", min_tokens=0, num_steps=4)
+    sparse = _run_steps(model, name, grid, timesteps)
+    rows = diffattn.stats(model).rows
+    diffattn.remove(model)
+    layers = {r["layer"] for r in rows}
+    by_step = {s: [r for r in rows if r["step"] == s] for s in range(4)}
+    assert all(r.get("warmup") for r in by_step[0])
+    assert [r.get("search_kind") for r in by_step[1]] == ["fused"] * len(layers)
+    assert [r.get("search_kind") for r in by_step[2]] == ["cached"] * len(layers)
+    assert all(r["search"] is False and r["cache_hit"] and r["density"] < 1 for r in by_step[3])
+    torch.testing.assert_close(sparse[1], dense[1], atol=MODEL_TOL[0], rtol=MODEL_TOL[1])  # fused = dense
+    assert all(torch.isfinite(o).all() for o in sparse) and not torch.allclose(sparse[3], dense[3])

@@ -268,3 +268,52 @@ def test_bad_config_names_the_field(field, value):
 def test_config_json_round_trip():
     cfg = PAROConfig(density=0.3, qk_bits=8, pv_bits=4, calibration="calib.pt", orders=("FHW", "HWF"))
     assert PAROConfig.from_json(cfg.to_json()) == cfg
+
+
+# ------------------------------------------------------------------------- through diffattn.apply
+def _run_steps(model, name, grid, timesteps):
+    from tests import tiny_models as T
+
+    kw = T.inputs(name, grid)
+    outs = []
+    for t in timesteps:
+        kw["timestep"] = torch.full_like(kw["timestep"], t)
+        outs.append(T.run(model, kw))
+    return outs
+
+
+@pytest.mark.parametrize("name", ["wan", "cogvideox"])
+def test_paro_through_apply_on_tiny_models(name, tmp_path):
+    import diffattn
+    from diffattn.processors.sparse import state_of
+    from tests import tiny_models as T
+    from tests.tolerances import MODEL_TOL
+
+    model = T.build(name)
+    grid = T.TINY[name].grids[0]
+    timesteps = [900, 700, 500, 300]  # 4 steps: calibrations at steps 0 and 2
+    dense = _run_steps(model, name, grid, timesteps)
+    # Density 1 keeps every tile: permute, attend, unpermute must reproduce the model.
+    diffattn.apply(model, "paro", density=1.0, block_size=16, backend="torch", min_tokens=0, num_steps=4)
+    full = _run_steps(model, name, grid, timesteps)
+    diffattn.remove(model)
+    for a, b in zip(full, dense):
+        torch.testing.assert_close(a, b, atol=MODEL_TOL[0], rtol=MODEL_TOL[1])
+
+    diffattn.apply(model, "paro", density=0.4, block_size=16, backend="torch", min_tokens=0, num_steps=4)
+    first = _run_steps(model, name, grid, timesteps)
+    rows = diffattn.stats(model).rows
+    path = tmp_path / f"{name}.pt"
+    state_of(model).methods[0].save_calibration(path)
+    diffattn.remove(model)
+    assert {r["step"] for r in rows if r.get("search_kind") == "calibration"} == {0, 2}
+    assert all(r["density"] < 1 for r in rows if r["step"] in (1, 3))
+
+    diffattn.apply(model, "paro", density=0.4, block_size=16, backend="torch", min_tokens=0, num_steps=4,
+                   calibration=str(path))
+    second = _run_steps(model, name, grid, timesteps)
+    rows = diffattn.stats(model).rows
+    diffattn.remove(model)
+    assert not any(r.get("search") for r in rows)  # the loaded calibration replaces online calibration
+    for step in (1, 3):
+        assert torch.equal(second[step], first[step])
