@@ -88,7 +88,8 @@ class FateZeroConfig(MethodConfig):
         store_dtype: dtype of stored maps. Default fp16 (paper).
         store_device: where stored maps live. Default ``"cpu"`` (host memory).
         store_budget_bytes: inversion refuses to start when the stored maps would exceed this many bytes.
-            Default 64 GiB (SD 1.x at 512 px, 8 frames, 50 steps, one reference frame needs ~36 GB).
+            Default 64 GiB (SD 1.x at 512 px, 8 frames, 50 steps, ``frame_refs=("middle",)`` stores
+            36.2 GiB; ``("first", "previous")`` doubles the self-attention part, to 69.4 GiB).
     """
 
     method = "fatezero"
