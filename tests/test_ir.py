@@ -120,7 +120,8 @@ def ref_ir_attention(attn, hs, n, target_boxes, ref_boxes, grid, isolation=True,
     for g in range(B // (n + 1)):
         base = g * (n + 1)
         for i in range(n):
-            out[base + i] = attend(q[base + i : base + i + 1], k[base + i : base + i + 1], v[base + i : base + i + 1])[0]
+            r = slice(base + i, base + i + 1)
+            out[base + i] = attend(q[r], k[r], v[r])[0]
         t = base + n
         keys, values = [], []
         if with_refs:
@@ -141,7 +142,12 @@ def ref_ir_attention(attn, hs, n, target_boxes, ref_boxes, grid, isolation=True,
 # --------------------------------------------------------------------------------------- tiny models
 def tiny_sdxl_pipeline(seed: int = 0):
     """A tiny random ``StableDiffusionXLPipeline`` (SDXL architecture: two text encoders, text_time)."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
@@ -175,7 +181,8 @@ def tiny_sdxl_pipeline(seed: int = 0):
     )
     tok = tiny_clip_tokenizer()
     cfg = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-               num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+               num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+               pad_token_id=1)
     torch.manual_seed(seed + 2)
     te1 = CLIPTextModel(CLIPTextConfig(**cfg))
     torch.manual_seed(seed + 3)
@@ -374,7 +381,8 @@ def test_captured_probabilities_zero_where_forbidden_renormalised_elsewhere(whic
         kept = full * allowed
         assert_close(probs, kept / kept.sum(-1, keepdim=True), torch.float32)
         # The references' own attention is untouched: plain softmax over their own keys.
-        plain = (torch.einsum("bhqd,bhkd->bhqk", rec["q_ref"], rec["k_ref"]) / math.sqrt(rec["q"].shape[-1])).softmax(-1)
+        plain = torch.einsum("bhqd,bhkd->bhqk", rec["q_ref"], rec["k_ref"]) / math.sqrt(rec["q"].shape[-1])
+        plain = plain.softmax(-1)
         assert_close(rec["probs_ref"], plain, torch.float32)
 
 
@@ -499,7 +507,8 @@ def test_subject_maps_average_token_attention():
                 k = attn.to_k(c[row]).view(7, 2, 8).transpose(0, 1)
                 p = ((q @ k.transpose(-1, -2)) * attn.scale).softmax(-1).mean(0)  # [12, 7]
                 m = torch.stack([p[:, idx].sum(-1) for idx in subjects]).view(-1, 1, 4, 3)  # grid of 8x6 /2
-                expected = expected + F.interpolate(m, size=(8, 6), mode="bilinear", align_corners=False)[:, 0]
+                up = F.interpolate(m, size=(8, 6), mode="bilinear", align_corners=False)[:, 0]
+                expected = expected + up
             assert_close(state.subject_maps["sum"][row], expected, torch.float32)
     assert state.subject_maps["count"] == 2 and 0 not in state.subject_maps["sum"]
 
@@ -579,7 +588,8 @@ def test_find_token_indices():
         (dict(boxes=BOXES_T, reference_boxes=BOXES_R, latents=torch.randn(2, 4, 16, 16)), "expected"),
         (dict(boxes=BOXES_T, reference_masks=[torch.zeros(8, 8)] * 2), "empty"),
     ],
-    ids=["outside", "inverted", "count", "arity", "both", "no-ref", "word", "index", "images", "latents", "mask"],
+    ids=["outside", "inverted", "count", "arity", "both", "no-ref", "word", "index", "images", "latents",
+         "mask"],
 )
 def test_bad_input_errors(sd, kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):

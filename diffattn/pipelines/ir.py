@@ -79,7 +79,9 @@ def find_token_indices(tokenizer, prompt: str, word: str) -> list[int]:
 
 def _check_indices(indices: Any, n: int, limit: int, name: str) -> list[list[int]]:
     if not isinstance(indices, (list, tuple)) or len(indices) != n:
-        raise ValueError(f"{name} must be a list of {n} lists of token positions (one per subject), got {indices!r}")
+        raise ValueError(
+            f"{name} must be a list of {n} lists of token positions (one per subject), got {indices!r}"
+        )
     out = []
     for i, idx in enumerate(indices):
         idx = [idx] if isinstance(idx, int) else idx
@@ -218,7 +220,9 @@ class IRDiffusionPipeline:
             raise TypeError("generator must be one torch.Generator (the batch shares one noise draw)")
 
         target = self._user_regions(boxes, masks, n, "boxes", "masks")
-        reference = self._user_regions(reference_boxes, reference_masks, n, "reference_boxes", "reference_masks")
+        reference = self._user_regions(
+            reference_boxes, reference_masks, n, "reference_boxes", "reference_masks"
+        )
 
         unet = pipe.unet
         scale = pipe.vae_scale_factor
@@ -238,7 +242,9 @@ class IRDiffusionPipeline:
         cfg = guidance_scale > 1.0 and unet.config.time_cond_proj_dim is None
         call = dict(
             prompt=prompts,
-            negative_prompt=None if negative_prompt is None or prompts is None else [negative_prompt] * (n + 1),
+            negative_prompt=(
+                None if negative_prompt is None or prompts is None else [negative_prompt] * (n + 1)
+            ),
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             height=height,
@@ -260,8 +266,10 @@ class IRDiffusionPipeline:
             if target is None:
                 target = self._disjoint_masks(derived_t, region_threshold)
             if reference is None:
-                reference = [m >= region_threshold for m in derived_r]
-                reference = [m.float() if m.any() else (d == d.max()).float() for m, d in zip(reference, derived_r)]
+                reference = []
+                for d in derived_r:
+                    m = d >= region_threshold
+                    reference.append((m if m.any() else d == d.max()).float())
         regions = IRRegions(target=list(target), reference=list(reference))
 
         ir = IRAttention(unet, config, regions, capture=capture)

@@ -23,10 +23,10 @@ The processor changes only the *target's* self-attention; references attend to t
 Regions are given per subject as a normalised ``(x0, y0, x1, y1)`` box or a mask (any resolution) for
 the target and for the reference images. On a layer's ``h x w`` grid a cell belongs to a box when the
 cell centre lies inside it (``[x0, x1) x [y0, y1)``); along an axis where the box covers no centre it
-keeps the cell under the box's centre. A mask is area-resized to the grid and thresholded at 0.5 (if nothing survives, its strongest
-cell is kept). Where target regions overlap, the cell goes to the *smaller* region (a small subject in
-front of a large one is not swallowed); equal areas go to the later subject. The official code
-post-processes its segmentation masks to be disjoint as well.
+keeps the cell under the box's centre. A mask is area-resized to the grid and thresholded at 0.5 (if
+nothing survives, its strongest cell is kept). Where target regions overlap, the cell goes to the
+*smaller* region (a small subject in front of a large one is not swallowed); equal areas go to the
+later subject. The official code also makes its segmentation masks disjoint before use.
 
 Isolation and reference attention leave the *ratios* of the remaining attention probabilities
 unchanged: with ``P`` the softmax of the same scores over all concatenated keys with no mask, the
@@ -154,7 +154,9 @@ def check_box(box: Any, name: str) -> tuple[float, float, float, float]:
 
 def _check_mask(mask: Any, name: str) -> torch.Tensor:
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{name} must be a box (4 numbers) or a mask tensor [H, W], got {type(mask).__name__}")
+        raise TypeError(
+            f"{name} must be a box (4 numbers) or a mask tensor [H, W], got {type(mask).__name__}"
+        )
     if mask.ndim == 3 and mask.shape[0] == 1:
         mask = mask[0]
     if mask.ndim != 2:
