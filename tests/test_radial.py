@@ -238,8 +238,91 @@ def test_shape_change_rebuilds_layout():
         assert_close(out, want, torch.float32)
 
 
+def test_triton_interpreter_matches_reference():
+    # A kernel tile larger than the pattern block: the layout carries partial blocks into the kernel.
+    frames, p = 6, 21
+    n = frames * p
+    q, k, v = (torch.randn(1, 2, n, 16) for _ in range(3))
+    mask = radial_block_mask(frames, p, 0.5, 16, True)
+    layout = radial_layout(frames, p, 0.5, 16, True, 32)
+    assert layout.has_partial
+    from diffattn.kernels import block_sparse_attention
+
+    o, _ = block_sparse_attention(q, k, v, layout, backend="triton")
+    want, _ = dense_masked_attention(q, k, v, token_mask=expand_blocks(mask, 16, n)[None, None])
+    assert_close(o, want, torch.float32)
+
+
 def test_command_line_draws_a_mask(tmp_path, capsys):
     out = tmp_path / "radial.png"
     _main(["--frames", "9", "--tokens-per-frame", "60", "--pattern-block", "16", "--token-panel", "--out", str(out)])
     assert out.stat().st_size > 1000
     assert "density" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------- diffusers integration
+from tests import tiny_models as T  # noqa: E402
+from tests.tolerances import MODEL_TOL  # noqa: E402
+
+import diffattn  # noqa: E402
+
+TINY_KW = dict(min_tokens=0, pattern_block=16, block_size=16, backend="torch")
+
+
+@pytest.mark.parametrize("name", ["wan", "hunyuanvideo"])
+def test_tiny_models_finite_with_density_and_warmup_layers(name):
+    model = T.build(name)
+    kw = T.inputs(name, (8, 4, 6))
+    ref = T.run(model, kw)
+    diffattn.apply(model, "radial", dense_layers=1, dense_steps=0, decay_factor=0.5, **TINY_KW)
+    out = T.run(model, kw)
+    rows = diffattn.stats(model).rows
+    diffattn.remove(model)
+    assert torch.isfinite(out).all()
+    assert len(rows) == 2
+    assert rows[0]["warmup"] is True and rows[0]["density"] == 1.0
+    assert "warmup" not in rows[1] and 0 < rows[1]["density"] < 1
+    assert (out - ref).abs().max() > 1e-4  # sparse attention really ran
+
+
+@pytest.mark.parametrize("name", ["wan", "hunyuanvideo"])
+def test_tiny_models_dense_when_the_window_covers_everything(name):
+    # 3 frames of 24 tokens at pattern block 16: no striding, and a huge decay factor widens every window
+    # past the frame, so the radial mask is all-dense.
+    model = T.build(name)
+    kw = T.inputs(name, (3, 4, 6))
+    ref = T.run(model, kw)
+    diffattn.apply(model, "radial", dense_layers=0, dense_steps=0, decay_factor=1e6, **TINY_KW)
+    out = T.run(model, kw)
+    rows = diffattn.stats(model).rows
+    diffattn.remove(model)
+    assert all("warmup" not in r and r["density"] == 1.0 for r in rows)
+    torch.testing.assert_close(out, ref, atol=MODEL_TOL[0], rtol=MODEL_TOL[1])
+
+
+def _tiny_wan_pipeline():
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+        attn_scales=[], latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+    ).eval()
+    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=T.build("wan"), scheduler=sched)
+
+
+def test_wan_pipeline_honours_dense_steps():
+    pipe = _tiny_wan_pipeline()
+    # 12 of 50 steps dense scales to round(12 * 4 / 50) = 1 of 4 steps.
+    diffattn.apply(pipe, "radial", dense_layers=0, dense_steps=12, **TINY_KW)
+    video = pipe(
+        prompt_embeds=torch.randn(1, 7, 32), negative_prompt_embeds=torch.randn(1, 7, 32), num_frames=13,
+        height=16, width=32, guidance_scale=5.0, num_inference_steps=4, output_type="pt",
+    ).frames
+    rows = diffattn.stats(pipe).rows
+    diffattn.remove(pipe)
+    assert torch.isfinite(video).all()
+    assert {r["grid"] for r in rows} == {(4, 1, 2)}
+    assert {r["step"] for r in rows if r.get("warmup")} == {0}
+    assert {r["step"] for r in rows if not r.get("warmup")} == {1, 2, 3}
