@@ -21,7 +21,6 @@ from diffattn.pipelines import FateZeroPipeline
 from diffattn.pipelines.fatezero import write_video
 from diffattn.pipelines.tiny_sd import tiny_sd_pipeline
 from diffattn.processors.fatezero import (
-    AttentionStore,
     FateZeroAttnProcessor,
     FateZeroConfig,
     FateZeroState,

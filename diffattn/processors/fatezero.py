@@ -24,7 +24,6 @@ at the top and know nothing of diffusers.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Sequence, Union
 
@@ -43,9 +42,14 @@ __all__ = [
     "refine_mapper",
     "blend_mask_from_maps",
     "layer_grid",
+    "step_range",
+    "StoredLayer",
     "AttentionStore",
+    "EditPlan",
     "FateZeroState",
     "FateZeroAttnProcessor",
+    "install",
+    "uninstall",
 ]
 
 FrameRef = Union[int, str]
