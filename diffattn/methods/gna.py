@@ -34,10 +34,11 @@ class GNAConfig(MethodConfig):
 
     Every per-axis tuple is ordered (F, H, W); entries larger than the grid are clipped to it, so a
     kernel covering an axis makes that axis dense. The defaults are the "strided" preset (a 4x8x8 tile
-    of queries shares one 8x16x24 window), sized for Wan 480p; the GNA paper tunes windows per model.
+    of queries shares one 12x24x24 window, i.e. 3x3x3 tiles), sized for Wan 480p; the GNA paper tunes
+    windows per model.
 
     Attributes:
-        kernel_size: neighbourhood size per axis (latent positions). Default (8, 16, 24).
+        kernel_size: neighbourhood size per axis (latent positions). Default (12, 24, 24).
         stride: queries are grouped in runs of this size per axis and share the window of the run's
             centre query; 1 is sliding-window NA, ``kernel_size`` is blocked attention. Default (4, 8, 8).
         dilation: neighbours are this many positions apart per axis. Default (1, 1, 1).
@@ -51,7 +52,7 @@ class GNAConfig(MethodConfig):
         backend: kernel backend: "auto" (Triton on CUDA, else PyTorch), "triton", "torch" or "flex".
     """
 
-    kernel_size: tuple[int, int, int] = (8, 16, 24)
+    kernel_size: tuple[int, int, int] = (12, 24, 24)
     stride: tuple[int, int, int] = (4, 8, 8)
     dilation: tuple[int, int, int] = (1, 1, 1)
     is_causal: tuple[bool, bool, bool] = (False, False, False)

@@ -23,7 +23,7 @@ tokens) is then a box of the grid, which lets the layout be built per (query blo
 per-axis rules — never from an ``N x N`` token mask — with partial blocks (exact token masks) where a
 block is only partly inside the neighbourhoods, so the result is exact.
 
->>> plan = gna_plan((21, 30, 52), (8, 16, 24), (4, 8, 8), tile_shape=(4, 8, 8), block_size=64)
+>>> plan = gna_plan((21, 30, 52), (12, 24, 24), (4, 8, 8), tile_shape=(4, 8, 8), block_size=64)
 >>> round(plan.stats["speedup_upper_bound"], 2) > 1
 True
 
@@ -60,8 +60,9 @@ __all__ = [
 PRESETS: dict[str, dict[str, tuple]] = {
     # token-by-token sliding window (NA): every query has its own neighbourhood
     "sliding": dict(kernel_size=(9, 17, 17), stride=(1, 1, 1)),
-    # strided sliding window: a tile of queries shares one window that moves tile by tile
-    "strided": dict(kernel_size=(8, 16, 24), stride=(4, 8, 8)),
+    # strided sliding window: a tile of queries shares a window of 3 x 3 x 3 tiles that moves tile by
+    # tile; (kernel - stride) / 2 is a whole number of tiles, so away from the borders windows are tiles
+    "strided": dict(kernel_size=(12, 24, 24), stride=(4, 8, 8)),
     # blocked attention: non-overlapping windows (stride = kernel)
     "blocked": dict(kernel_size=(8, 16, 16), stride=(8, 16, 16)),
 }

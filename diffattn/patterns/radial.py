@@ -242,9 +242,11 @@ def block_mask_to_layout(
     partial = any_ & ~full
     if not bool(partial.any()):
         return layout
+    # Few distinct sub-block patterns exist (one per arrangement of r x r pattern blocks): store each once.
+    patterns, inverse = torch.unique(sub[partial].reshape(-1, r * r), dim=0, return_inverse=True)
     pid = torch.full(partial.shape, -1, dtype=torch.int32, device=mask.device)
-    pid[partial] = torch.arange(int(partial.sum()), dtype=torch.int32, device=mask.device)
-    tok = sub[partial].repeat_interleave(pattern_block, 1).repeat_interleave(pattern_block, 2)
+    pid[partial] = inverse.to(torch.int32)
+    tok = patterns.view(-1, r, r).repeat_interleave(pattern_block, 1).repeat_interleave(pattern_block, 2)
     ids = torch.gather(pid[None, None], -1, layout.kv_indices.clamp_min(0).long())
     ids = torch.where(layout.kv_indices >= 0, ids, torch.full_like(ids, -1))
     return replace(layout, kv_mask_ids=ids.contiguous(), block_masks=tok.contiguous())
