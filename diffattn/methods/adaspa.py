@@ -124,7 +124,8 @@ class AdaSpaState:
 
     @property
     def stats(self) -> dict[tuple[str, int], dict[str, Any]]:
-        """Per (layer, branch): searches (fused, cached), cache hits, current density and recall."""
+        """Per (layer, branch): searches (fused, cached), layout reuses (``cache_hits``), the current
+        layout's density, the recall it had when searched, and the planned sparsity per head."""
         return {
             key: {
                 "searches": e.fused + e.cached,
@@ -134,6 +135,7 @@ class AdaSpaState:
                 "density": e.density,
                 "recall": e.recall,
                 "searched_at": e.searched_at,
+                "head_sparsity": None if e.head_sparsity is None else e.head_sparsity.mean(0).tolist(),
             }
             for key, e in self.entries.items()
         }

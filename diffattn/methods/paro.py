@@ -10,7 +10,11 @@ order, attended block-sparsely (or through the quantized reference when ``qk_bit
 set), and permuted back — exactly. Text tokens are handled by :class:`VideoSparseMethod`.
 
 Calibration is keyed by (layer, branch, phase) and depends only on the latent grid, head count and
-token count — not on batch size or text length — so one calibration serves any batch.
+token count — not on batch size or text length — so one calibration serves any batch. Online
+calibrations are per-run state: ``reset()`` (called at every new generation) forgets them, so save
+them after the run that made them; a method built with ``PAROConfig(calibration=path)`` reloads the
+file on every reset instead. Through :func:`diffattn.apply` the method object is reachable as
+``diffattn.processors.sparse.state_of(model).methods[0]``.
 
 >>> import torch, tempfile, os
 >>> from diffattn.methods import AttnContext
