@@ -4,8 +4,8 @@ Backends (parameters that change *speed*, never *what* is computed):
 
 * ``"triton"`` — our block-sparse flash kernel (CUDA; on CPU only under ``TRITON_INTERPRET=1``).
 * ``"torch"``  — gathers listed key blocks per query block in plain PyTorch (the CPU path).
-* ``"flex"``   — PyTorch FlexAttention with ``BlockMask.from_kv_blocks`` (CUDA): an alternative and
-  the baseline to beat.
+* ``"flex"``   — PyTorch FlexAttention with ``BlockMask.from_kv_blocks``, compiled on CUDA: an
+  alternative and the baseline to beat. On CPU it runs eagerly (exact, but ``Nq x Nk`` memory).
 * ``"auto"``   — ``triton`` on CUDA when available, else ``torch``; the choice and its reason are
   logged once.
 """
@@ -65,10 +65,10 @@ def can_run(backend: str, device: torch.device, raise_error: bool = False) -> bo
                 "TRITON_INTERPRET=1 (slow, for tests) or use backend='torch'"
             )
     elif backend == "flex":
+        # Off CUDA FlexAttention runs eagerly: still exact (our mask_mod encodes the layout), but it
+        # materialises Nq x Nk scores, so "auto" never picks it there.
         if not _has_flex():
             reason = "this torch build has no torch.nn.attention.flex_attention; upgrade torch or use 'torch'"
-        elif device.type != "cuda":
-            reason = f"backend='flex' is for CUDA tensors (got {device.type}); use backend='torch' on CPU"
     elif backend != "torch":
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if reason is not None and raise_error:
@@ -118,6 +118,10 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
 
 
+def _describe(t: object) -> str:
+    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -158,6 +162,9 @@ def block_sparse_attention(
         layout = layout.to(q.device)
     scale = d**-0.5 if scale is None else float(scale)
     name = resolve_backend(backend, q.device)
+    if name == "triton" and backend == "auto" and max(layout.block_q, layout.block_k) > 128:
+        log_once("auto-big-block", "diffattn: layout blocks above 128 use the PyTorch path (Triton tiles <= 128)")
+        name = "torch"
     if name == "triton":
         from .triton_attention import triton_block_sparse_attention
 
@@ -187,10 +194,24 @@ def block_mass(
     LSE each row of blocks sums to the number of valid queries in that block.
     """
     check_qkv(q, k, k)
-    if lse.shape != q.shape[:3]:
-        raise ValueError(f"lse must be [B, H, Nq] = {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
+    if not isinstance(lse, torch.Tensor) or lse.shape != q.shape[:3]:
+        raise ValueError(f"lse must be [B, H, Nq] = {tuple(q.shape[:3])}, got {_describe(lse)}")
+    if lse.device != q.device:
+        raise ValueError(f"lse is on {lse.device} but q on {q.device}; move lse to q's device")
+    if not lse.is_floating_point():
+        raise ValueError(f"lse must be a floating tensor (float32), got {lse.dtype}")
+    for name, value in (("block_q", block_q), ("block_k", block_k)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 16 or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two >= 16 (e.g. 64), got {value!r}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    name = resolve_backend("triton" if backend == "flex" else backend, q.device)
+    if backend == "flex":
+        # FlexAttention has no mass-only pass; the speed-only backend choice falls back to "auto".
+        log_once("mass-flex", "diffattn: block_mass has no 'flex' backend; using 'auto'")
+        backend = "auto"
+    name = resolve_backend(backend, q.device)
+    if name == "triton" and max(block_q, block_k) > 128:
+        log_once("mass-big-block", "diffattn: block_mass tiles above 128 use the PyTorch path")
+        name = "torch"
     if name == "triton":
         from .triton_block_mass import triton_block_mass
 

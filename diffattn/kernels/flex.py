@@ -73,13 +73,18 @@ def layout_to_flex_block_mask(layout: BlockSparseLayout, batch: int, heads: int,
         inside = masks[st.clamp(min=0), q_idx % bq, kv_idx % bk]
         return (kv_idx < seq_k) & ((st == _FULL) | ((st >= 0) & inside))
 
+    def block_mod(b, h, q_idx, kv_idx):
+        st = state[b if lb > 1 else 0, h if lh > 1 else 0, q_idx // bq, kv_idx // bk]
+        return (kv_idx < seq_k) & (st == _FULL)
+
     return BlockMask.from_kv_blocks(
         part_n,
         part_idx,
         full_n,
         full_idx,
         BLOCK_SIZE=(bq, bk),
-        mask_mod=mask_mod,
+        # Without partial blocks the token lookup is dead weight (and eager mode evaluates it densely).
+        mask_mod=mask_mod if layout.has_partial else block_mod,
         seq_lengths=(seq_q, seq_k),
     )
 
