@@ -411,8 +411,9 @@ def _main(argv: list[str] | None = None) -> None:
         for ax in range(nd):
             m = axis_neighborhood(a.shape[ax], k[ax], s[ax], d[ax], c[ax])
             keep &= m[q[ax]][coords[..., ax]]
-        grid2d = keep.reshape(-1, a.shape[-1]) if nd > 1 else keep[None]
-        panels.append((f"keys of query {q} (rows: leading axes)", grid2d))
+        # Frames side by side: rows are H, columns run over W within each frame, frame after frame.
+        grid2d = {1: lambda t: t[None], 2: lambda t: t, 3: lambda t: t.permute(1, 0, 2).reshape(t.shape[1], -1)}[nd](keep)
+        panels.append((f"keys of query {q} (frames side by side)", grid2d))
     save_masks(panels, a.out)
     st = plan.stats
     print(
