@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from diffattn.methods import adaspa as adaspa_module
-from diffattn.kernels import BlockSparseLayout, block_mass, dense_masked_attention
+from diffattn.kernels import block_mass, dense_masked_attention
 from diffattn.methods import AdaSpaConfig, AdaSpaMethod, AttnContext
 from diffattn.patterns.adaspa import (
     block_recall,
@@ -27,7 +27,10 @@ def _cfg(**kw):
 
 
 def _ctx(step, records=None, layer="l0", branch=0, grid=GRID, text_len=0, text_first=True):
-    sink = (lambda **kw: records.append({"step": step, "key": (layer, branch), **kw})) if records is not None else (lambda **kw: None)
+    def sink(**kw):
+        if records is not None:
+            records.append({"step": step, "key": (layer, branch), **kw})
+
     return AttnContext(
         layer=layer, grid=grid, step=step, num_steps=NUM_STEPS, branch=branch, text_len=text_len,
         text_first=text_first, record=sink,

@@ -76,7 +76,7 @@ def quantize_blockwise(x: torch.Tensor, block: int, bits: int) -> tuple[torch.Te
     return vals.view(b, h, m * block, d)[:, :, :n], scale
 
 
-def _row_block_mask(layout: BlockSparseLayout, m0: int, m1: int, b: int, h: int) -> BlockSparseLayout:
+def _row_block_mask(layout: BlockSparseLayout, m0: int, m1: int) -> BlockSparseLayout:
     """The layout restricted to query blocks ``m0:m1`` (so its token mask stays small)."""
     ids = None if layout.kv_mask_ids is None else layout.kv_mask_ids[:, :, m0:m1].contiguous()
     return BlockSparseLayout(
@@ -161,7 +161,7 @@ def quantized_block_sparse_attention(
     for m0 in range(0, mq, step):
         m1 = min(mq, m0 + step)
         r0, r1 = m0 * bq, min(nq, m1 * bq)
-        keep = _row_block_mask(layout, m0, m1, b, h).to_token_mask(r1 - r0, nk)
+        keep = _row_block_mask(layout, m0, m1).to_token_mask(r1 - r0, nk)
         s = torch.matmul(qv[:, :, r0:r1], kv.transpose(-1, -2)) * scale
         s = s.masked_fill(~keep, float("-inf"))
         rowmax = s.amax(-1)
@@ -229,7 +229,7 @@ def quantization_error_bound(
     for m0 in range(0, mq, step):
         m1 = min(mq, m0 + step)
         r0, r1 = m0 * bq, min(nq, m1 * bq)
-        keep = _row_block_mask(layout, m0, m1, b, h).to_token_mask(r1 - r0, nk).expand(b, h, -1, -1)
+        keep = _row_block_mask(layout, m0, m1).to_token_mask(r1 - r0, nk).expand(b, h, -1, -1)
         vmax = torch.where(keep, vabs[:, :, None, :], torch.zeros_like(vabs[:, :, None, :])).amax(-1)
         term = torch.expm1(2 * eps[:, :, r0:r1])
         if pv_bits is not None:
