@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import diffattn
-from diffattn.kernels import BlockSparseLayout, block_sparse_attention
+from diffattn.kernels import BlockSparseLayout
 from diffattn.methods import AttentionMethod, MethodConfig, VideoSparseMethod, register_method
+from diffattn.methods.sparse import kernel_attention
 from diffattn.processors.state import StepTracker
 from tests import tiny_models as T
 from tests.tolerances import MODEL_TOL
@@ -55,7 +56,7 @@ class _FullVideoMethod(VideoSparseMethod):
         n = q.shape[-2]
         layout = BlockSparseLayout.dense(1, 1, n, n, 16, 16)
         ctx.record(density=1.0)
-        return block_sparse_attention(q, k, v, layout, scale=ctx.scale, backend="torch")
+        return kernel_attention(q, k, v, layout, ctx.scale, "torch")
 
 
 def _close(a, b):
@@ -290,3 +291,19 @@ def test_unsupported_model_and_spec_opt_in():
     diffattn.remove(model)
     _close(out, ref)
     assert rows and rows[0]["grid"] == (1, 4, 4) and rows[0]["text_len"] == 5
+
+
+def test_capture_layouts_records_the_computed_block_mask(models):
+    model = models["wan"]
+    kw = T.inputs("wan", (3, 4, 6))
+    diffattn.apply(model, "_test_full_video", min_tokens=0, capture_layouts=True)
+    T.run(model, kw)
+    rows = diffattn.stats(model).rows
+    text = diffattn.stats(model).to_json()
+    diffattn.apply(model, "_test_full_video", min_tokens=0)
+    T.run(model, kw)
+    plain = diffattn.stats(model).rows
+    diffattn.remove(model)
+    n_blocks = -(-(3 * 4 * 6) // 16)
+    assert all(r["block_mask"].shape == (1, 1, n_blocks, n_blocks) and bool(r["block_mask"].all()) for r in rows)
+    assert "block_mask" not in text and all("block_mask" not in r for r in plain)

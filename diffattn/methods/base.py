@@ -164,6 +164,7 @@ class AttnContext:
     branch: int = 0
     scale: float | None = None
     model: str = ""
+    capture_layouts: bool = False
     record: Callable[..., None] = field(default=lambda **kw: None, repr=False)
 
     @property

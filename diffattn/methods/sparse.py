@@ -8,6 +8,7 @@ and text queries attend densely to everything. Padded text keys (HunyuanVideo) a
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -17,7 +18,18 @@ import torch.nn.functional as F
 from ..kernels import BlockSparseLayout, block_sparse_attention, merge_attention
 from .base import AttentionMethod, AttnContext, MethodConfig, register_method
 
-__all__ = ["DenseConfig", "DenseMethod", "VideoSparseMethod", "kernel_attention"]
+__all__ = ["DenseConfig", "DenseMethod", "VideoSparseMethod", "kernel_attention", "note_layout"]
+
+# While a method plans the video part of a call with layout capture on, every layout it runs lands here
+# (the demo and plots show the last one: the sparse pattern actually computed).
+_captured: ContextVar[list | None] = ContextVar("diffattn_captured_layouts", default=None)
+
+
+def note_layout(layout: BlockSparseLayout) -> None:
+    """Report a layout a method is about to compute (no-op unless capture is on)."""
+    sink = _captured.get()
+    if sink is not None:
+        sink.append(layout)
 
 Backend = Literal["auto", "triton", "torch", "flex"]
 
@@ -51,6 +63,7 @@ def kernel_attention(
     scale: float | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    note_layout(layout)
     o, lse = block_sparse_attention(q, k, v, layout, scale=scale, return_lse=True, backend=backend)
     return o, lse
 
@@ -130,7 +143,17 @@ class VideoSparseMethod(AttentionMethod):
 
         vs, ts = ctx.video_slice(n), ctx.text_slice(n)
         qv, kv, vv = q[:, :, vs], k[:, :, vs], v[:, :, vs]
-        o_v, lse_v = self.video_attention(qv, kv, vv, ctx)
+        if ctx.capture_layouts:
+            token = _captured.set([])
+            try:
+                o_v, lse_v = self.video_attention(qv, kv, vv, ctx)
+                seen = _captured.get()
+            finally:
+                _captured.reset(token)
+            if seen:
+                ctx.record(block_mask=seen[-1].to_block_mask().cpu())
+        else:
+            o_v, lse_v = self.video_attention(qv, kv, vv, ctx)
         if ctx.text_len == 0:
             return o_v
         text_valid = None if valid is None else valid[:, ts]

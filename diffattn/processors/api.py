@@ -62,6 +62,7 @@ def apply(
     spec: ModelSpec | None = None,
     num_steps: int | None = None,
     sync_timing: bool = False,
+    capture_layouts: bool = False,
     **fields: Any,
 ) -> MethodConfig:
     """Install ``method`` on every self-attention layer of a pipeline's denoiser(s).
@@ -76,6 +77,8 @@ def apply(
         spec: a :class:`~diffattn.processors.models.ModelSpec` for a model outside the table.
         num_steps: steps per generation when no pipeline scheduler tells (default 50).
         sync_timing: synchronise CUDA around each attention so ``stats`` times are exact.
+        capture_layouts: keep each sparse call's block mask (bool ``[B|1, H|1, Mq, Mk]``, CPU) in its
+            ``stats`` row under ``"block_mask"`` — for plots; costs host memory.
 
     Returns:
         The method's config. Applying again replaces the previous method cleanly.
@@ -121,7 +124,10 @@ def apply(
                 f"the {model_spec.name} layers match /{model_spec.self_attention}/"
             )
         model.set_attn_processor(new)
-        state = adopt(model, model_spec, scheduler=scheduler, num_steps=num_steps, sync_timing=sync_timing)
+        state = adopt(
+            model, model_spec, scheduler=scheduler, num_steps=num_steps, sync_timing=sync_timing,
+            capture_layouts=capture_layouts,
+        )
         state.methods.append(method_obj)
         state.originals = originals  # type: ignore[attr-defined]
         state.component = comp  # type: ignore[attr-defined]

@@ -60,6 +60,7 @@ def adopt(
     scheduler: Any = None,
     num_steps: int | None = None,
     sync_timing: bool = False,
+    capture_layouts: bool = False,
 ) -> ModelState:
     """Install diffattn's forward hooks on ``model`` (idempotent) and return its state."""
     state = _MODEL_STATE.get(model)
@@ -68,9 +69,10 @@ def adopt(
             state.tracker.scheduler = scheduler
         if num_steps is not None:
             state.tracker.default_num_steps = num_steps
-        state.sync_timing = sync_timing or state.sync_timing
+        state.sync_timing = sync_timing
+        state.capture_layouts = capture_layouts
         return state
-    state = ModelState(spec=spec, sync_timing=sync_timing)
+    state = ModelState(spec=spec, sync_timing=sync_timing, capture_layouts=capture_layouts)
     state.tracker.scheduler = scheduler
     state.tracker.default_num_steps = num_steps
     targets = [(n, m) for n, m in _attention_modules(model) if spec.is_target(n)]
@@ -359,6 +361,7 @@ class _Handler:
             branch=self.info.branch,
             scale=a.get("scale"),
             model=spec.name,
+            capture_layouts=self.state.capture_layouts,
             record=row.update,
         )
         with self.state.timer() as t:

@@ -165,7 +165,8 @@ class Stats:
         }
 
     def to_json(self) -> str:
-        return json.dumps({"rows": self.rows, "summary": self.summary()}, default=str)
+        rows = [{k: v for k, v in r.items() if not isinstance(v, torch.Tensor)} for r in self.rows]
+        return json.dumps({"rows": rows, "summary": self.summary()}, default=str)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -191,6 +192,7 @@ class ModelState:
     methods: list[Any] = field(default_factory=list)  # method objects to reset at a new generation
     min_tokens: int = 0
     sync_timing: bool = False
+    capture_layouts: bool = False
 
     def begin_forward(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         inputs = bind_forward_args(model, args, kwargs)
