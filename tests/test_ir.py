@@ -212,6 +212,8 @@ def _attn(dim=16, heads=2):
     return Attention(query_dim=dim, heads=heads, dim_head=dim // heads, out_bias=True).eval()
 
 
+# Reference attention from the first layer, no random query dropout: every mask is deterministic.
+EXACT = IRConfig(start_layer=0, reference_dropout=0.0)
 BOXES_T = [(0.0, 0.1, 0.55, 0.9), (0.45, 0.0, 1.0, 0.7)]  # overlapping on purpose
 BOXES_R = [(0.2, 0.2, 0.8, 0.8), (0.0, 0.35, 0.6, 1.0)]
 
@@ -301,7 +303,7 @@ def _single_layer(config, target_boxes, ref_boxes, grid, capture=False):
 @pytest.mark.parametrize("capture", [False, True], ids=["sdpa", "probs"])
 def test_processor_matches_reference(groups, grid, capture):
     n = len(BOXES_T)
-    attn, state = _single_layer(IRConfig(start_layer=0), BOXES_T, BOXES_R, grid, capture)
+    attn, state = _single_layer(EXACT, BOXES_T, BOXES_R, grid, capture)
     hs = torch.randn(groups * (n + 1), grid[0] * grid[1], 16)
     with torch.no_grad():
         got = attn(hs)
@@ -312,7 +314,7 @@ def test_processor_matches_reference(groups, grid, capture):
 def test_processor_three_subjects_no_isolation_matches_reference():
     boxes_t = [(0.0, 0.0, 0.4, 1.0), (0.3, 0.0, 0.7, 0.5), (0.6, 0.4, 1.0, 1.0)]
     boxes_r = [(0.1, 0.1, 0.9, 0.9), (0.0, 0.0, 0.5, 0.5), (0.25, 0.5, 0.75, 1.0)]
-    attn, _ = _single_layer(IRConfig(start_layer=0, isolation=False), boxes_t, boxes_r, (6, 6))
+    attn, _ = _single_layer(EXACT.replace(isolation=False), boxes_t, boxes_r, (6, 6))
     hs = torch.randn(2 * 4, 36, 16)
     with torch.no_grad():
         assert_close(attn(hs), ref_ir_attention(attn, hs, 3, boxes_t, boxes_r, (6, 6), isolation=False),
@@ -327,8 +329,33 @@ def test_isolation_only_matches_reference():
         assert_close(attn(hs), expected, torch.float32)
 
 
+def test_reference_dropout_drops_whole_query_rows_per_step():
+    config = IRConfig(start_layer=0, reference_dropout=0.5, seed=3)
+    attn, state = _single_layer(config, BOXES_T, BOXES_R, (8, 8), capture=True)
+    hs = torch.randn(6, 64, 16)
+    with torch.no_grad():
+        for step in (0, 0, 1):
+            state.step = step
+            attn(hs)
+    expected = ref_allowed(BOXES_T, 8, 8)
+    labels = torch.tensor(ref_labels(BOXES_T, 8, 8))
+    dropped = []
+    for rec in state.records:
+        allowed = rec["allowed"]
+        assert torch.equal(allowed[:, 2 * 64 :], expected[:, 2 * 64 :])  # target keys untouched
+        reads = allowed[:, : 2 * 64].any(1)
+        assert torch.equal(allowed[reads, : 2 * 64], expected[reads, : 2 * 64])  # whole rows kept or dropped
+        assert torch.equal(rec["probs"][..., ~allowed], torch.zeros_like(rec["probs"][..., ~allowed]))
+        dropped.append((labels >= 0) & ~reads)
+        for i in range(2):  # every subject keeps some reference-reading queries
+            assert reads[labels == i].any()
+    assert torch.equal(dropped[0], dropped[1]) and not torch.equal(dropped[0], dropped[2])
+    subject_cells = int((labels >= 0).sum())
+    assert 0.25 * subject_cells < int(dropped[0].sum()) < 0.75 * subject_cells
+
+
 def test_processor_rejects_batch_not_groups_of_refs_and_target():
-    attn, _ = _single_layer(IRConfig(start_layer=0), BOXES_T, BOXES_R, (5, 7))
+    attn, _ = _single_layer(EXACT, BOXES_T, BOXES_R, (5, 7))
     with pytest.raises(ValueError, match="not a multiple of 3"):
         attn(torch.randn(4, 35, 16))
 
@@ -364,7 +391,7 @@ def test_captured_probabilities_zero_where_forbidden_renormalised_elsewhere(whic
     n = len(BOXES_T)
     regions = IRRegions(target=BOXES_T, reference=BOXES_R)
     layers = len(self_attention_layers(unet))
-    config = IRConfig(start_layer=layers // 2)
+    config = IRConfig(start_layer=layers // 2, reference_dropout=0.0)
     with IRAttention(unet, config, regions, capture=True) as ir:
         _run(unet, _unet_inputs(pipe, 2 * (n + 1)))
     kinds = [r["kind"] for r in ir.state.records]
@@ -412,7 +439,7 @@ def test_references_keep_batch_order_and_are_unchanged(which, request):
     n = len(BOXES_T)
     inputs = _unet_inputs(pipe, 2 * (n + 1), seed=3)
     plain = _run(unet, inputs)
-    with IRAttention(unet, IRConfig(start_layer=0), IRRegions(target=BOXES_T, reference=BOXES_R)):
+    with IRAttention(unet, EXACT, IRRegions(target=BOXES_T, reference=BOXES_R)):
         ir = _run(unet, inputs)
     refs = [0, 1, 3, 4]
     torch.testing.assert_close(ir[refs], plain[refs], atol=MODEL_TOL[0], rtol=MODEL_TOL[1])
@@ -425,10 +452,10 @@ def test_subject_order_is_consistent(sd):
     unet = sd.unet
     sample, t, ctx, kw = _unet_inputs(sd, 6, seed=5)
     perm = torch.tensor([1, 0, 2, 4, 3, 5])
-    with IRAttention(unet, IRConfig(start_layer=0), IRRegions(target=BOXES_T, reference=BOXES_R)):
+    with IRAttention(unet, EXACT, IRRegions(target=BOXES_T, reference=BOXES_R)):
         a = _run(unet, (sample, t, ctx, kw))
     swapped = IRRegions(target=BOXES_T[::-1], reference=BOXES_R[::-1])
-    with IRAttention(unet, IRConfig(start_layer=0), swapped):
+    with IRAttention(unet, EXACT, swapped):
         b = _run(unet, (sample[perm], t, ctx[perm], kw))
     torch.testing.assert_close(b[perm], a, atol=MODEL_TOL[0], rtol=MODEL_TOL[1])
 

@@ -103,6 +103,10 @@ class IRConfig(MethodConfig):
         end_step: Step at which reference attention stops (exclusive); ``None`` = never (default).
         interpolation: Resampling used by reposition. ``"nearest-exact"`` (default) maps cell centres
             to cell centres; ``"nearest"`` is the official (PyTorch legacy) choice; ``"bilinear"``.
+        reference_dropout: Fraction of target subject queries that skip the references, redrawn at
+            every step (per grid); trades some consistency for variety (default 0.5, the official
+            run's ``dropout``; 0 = every subject query reads its reference).
+        seed: Seed of the dropout draws (same seed and step give the same draw on any device).
     """
 
     method: ClassVar[str] = "ir"
@@ -115,10 +119,16 @@ class IRConfig(MethodConfig):
     start_step: int = 0
     end_step: int | None = None
     interpolation: Literal["nearest-exact", "nearest", "bilinear"] = "nearest-exact"
+    reference_dropout: float = 0.5
+    seed: int = 0
 
     def validate(self) -> None:
         if self.start_layer is not None and self.start_layer < 0:
             raise ValueError(f"IRConfig.start_layer={self.start_layer} must be >= 0 (or None for auto)")
+        if not 0.0 <= self.reference_dropout < 1.0:
+            raise ValueError(
+                f"IRConfig.reference_dropout={self.reference_dropout} must be in [0, 1) (0 = off)"
+            )
         if self.start_step < 0:
             raise ValueError(f"IRConfig.start_step={self.start_step} must be >= 0")
         if self.end_step is not None and self.end_step <= self.start_step:
@@ -423,6 +433,7 @@ class IRState:
     capture: bool = False
     records: list = field(default_factory=list)
     plans: dict = field(default_factory=dict)
+    keeps: dict = field(default_factory=dict)
     subject_maps: dict = field(default_factory=dict)
     last_timestep: float | None = None
 
@@ -432,6 +443,7 @@ class IRState:
         self.last_timestep = None
         self.records.clear()
         self.plans.clear()
+        self.keeps.clear()
         self.subject_maps.clear()
 
     def on_unet_forward(self, sample: torch.Tensor, timestep: Any = None) -> None:
@@ -452,6 +464,27 @@ class IRState:
         if key not in self.plans:
             self.plans[key] = build_plan(self.regions, self.config, h, w, device)
         return self.plans[key]
+
+    def query_keep(self, h: int, w: int, device) -> torch.Tensor | None:
+        """bool ``[N]``: target queries that read references at this step (``None`` = all).
+
+        Drawn once per (step, grid), shared by the layers of that step, as the official code does.
+        A subject whose queries would all be dropped keeps them all.
+        """
+        p = self.config.reference_dropout
+        if p <= 0.0:
+            return None
+        key = (h, w, str(device))
+        if self.keeps.get(key, (None,))[0] != self.step:
+            labels = self.plan(h, w, device).labels
+            g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.step * 1009 + h * 31 + w)
+            keep = (torch.rand(h * w, generator=g) >= p).to(device)
+            for i in range(self.regions.num_subjects):
+                own = labels == i
+                if own.any() and not (keep & own).any():
+                    keep = keep | own
+            self.keeps[key] = (self.step, keep)
+        return self.keeps[key][1]
 
     def reference_active(self, layer_index: int) -> bool:
         c = self.config
@@ -595,6 +628,10 @@ class IRAttnProcessor:
             values = torch.cat([v_r, v[tgt]], dim=2)
             # use_ref without use_iso only happens with config.isolation off, which the plan reflects.
             allowed = plan.allowed_ref
+            keep = st.query_keep(h, w, q.device)
+            if keep is not None:
+                allowed = allowed.clone()
+                allowed[~keep, : n * n_tok] = False
         else:
             keys, values = k[tgt], v[tgt]
             allowed = plan.allowed_iso
