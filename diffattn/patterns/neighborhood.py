@@ -244,66 +244,66 @@ class GNAPlan:
     stats: dict[str, Any]
 
 
-def _rect_sum(integral, r0, r1, c0, c1):
-    """Sum of the matrix over rows ``[r0, r1)`` and columns ``[c0, c1)`` from its integral image."""
-    return integral[r1, c1] - integral[r0, c1] - integral[r1, c0] + integral[r0, c0]
-
-
 def _build_plan(shape, k, s, d, c, tile, block_size, device) -> GNAPlan:
     nd = len(shape)
     perm, padded = tile_permutation(shape, tile)
     np_ = math.prod(padded)
     nblk = np_ // block_size
     pos = _position_coords(padded, tile).view(nblk, block_size, nd)
-    box_lo, box_hi = pos.amin(1), pos.amax(1) + 1  # [nblk, nd], a box per block (checked by _check_tile)
-    box_len = box_hi - box_lo
-    shape_t = torch.tensor(shape)
-    real_lo, real_hi = torch.minimum(box_lo, shape_t), torch.minimum(box_hi, shape_t)
-    has_query = (real_hi > real_lo).all(-1)
+    box_lo = pos.amin(1)  # [nblk, nd]: each block is a box of the grid (checked by _check_tile)
+    dims = (pos.amax(1) - box_lo + 1)[0].tolist()  # every block's box has the same extent
 
-    any_ = has_query[:, None].expand(nblk, nblk).clone()
-    full = any_.clone()
-    axis_masks = []
+    # Along one axis a block is fully described by its box origin, and only a few origins exist: decide
+    # "any kept token pair" and "all pairs kept" per pair of origins, then look the answers up per block.
+    any_ = torch.ones(nblk, nblk, dtype=torch.bool)
+    full = torch.ones(nblk, nblk, dtype=torch.bool)
+    axis_masks, origin_ids, axis_subs = [], [], []
     for a in range(nd):
         m = axis_neighborhood(shape[a], k[a], s[a], d[a], c[a])
         ext = torch.zeros(padded[a], padded[a], dtype=torch.bool)
         ext[: shape[a], : shape[a]] = m
         axis_masks.append(ext)
-        integral = torch.zeros(padded[a] + 1, padded[a] + 1, dtype=torch.int32)
-        integral[1:, 1:] = ext.to(torch.int32).cumsum(0).cumsum(1)
-        # Only real queries count; padding keys are never attended (the extended mask is False there).
-        cnt = _rect_sum(
-            integral,
-            real_lo[:, a][:, None], real_hi[:, a][:, None],
-            box_lo[:, a][None, :], box_hi[:, a][None, :],
-        )
-        n_q = (real_hi[:, a] - real_lo[:, a]).clamp_min(0)
-        any_ &= cnt > 0
-        full &= cnt == (n_q[:, None] * box_len[:, a][None, :])
+        origins, where = torch.unique(box_lo[:, a], return_inverse=True)
+        span = origins[:, None] + torch.arange(dims[a])[None, :]
+        sub = ext[span[:, None, :, None], span[None, :, None, :]]  # [O, O, m, m]: query box x key box
+        real_q = (span < shape[a])[:, None, :, None]
+        # Padding queries are don't-care (their outputs are dropped); padding keys are never attended.
+        tab_any = (sub & real_q).flatten(2).any(-1)
+        tab_full = (sub | ~real_q).flatten(2).all(-1) & real_q.flatten(1).any(-1)[:, None]
+        any_ &= tab_any[where][:, where]
+        full &= tab_full[where][:, where]
+        origin_ids.append(where)
+        axis_subs.append(sub)
+    full &= any_
     layout = BlockSparseLayout.from_block_mask(any_[None, None].contiguous(), block_size, block_size, np_, np_)
     partial = any_ & ~full
     n_partial = int(partial.sum())
     if n_partial:
         qb, kb = partial.nonzero(as_tuple=True)
-        dims = box_len[0].tolist()
         # A partial block's token mask is the outer AND of one small per-axis sub-matrix per axis. Number
         # the distinct sub-matrices of each axis, then build each distinct combination once.
-        sig, subs = [], []
+        code = torch.zeros(qb.numel(), dtype=torch.int64)
+        subs = []
         for a in range(nd):
-            origins, where = torch.unique(box_lo[:, a], return_inverse=True)
-            span = origins[:, None] + torch.arange(dims[a])[None, :]
-            cand = axis_masks[a][span[:, None, :, None], span[None, :, None, :]]  # [O, O, m, m]
-            content, cid = torch.unique(cand.reshape(-1, dims[a] * dims[a]), dim=0, return_inverse=True)
+            sub = axis_subs[a]
+            n_o = sub.shape[0]
+            content, cid = torch.unique(sub.reshape(n_o * n_o, -1), dim=0, return_inverse=True)
             subs.append(content.view(-1, dims[a], dims[a]))
-            sig.append(cid.view(len(origins), len(origins))[where[qb], where[kb]])
-        uniq, inverse = torch.unique(torch.stack(sig, 1), dim=0, return_inverse=True)
-        u = uniq.shape[0]
+            where = origin_ids[a]
+            code = code * content.shape[0] + cid.view(n_o, n_o)[where[qb], where[kb]]
+        uniq_code, inverse = torch.unique(code, return_inverse=True)
+        per_axis = []
+        for a in reversed(range(nd)):
+            per_axis.append(uniq_code % subs[a].shape[0])
+            uniq_code = uniq_code // subs[a].shape[0]
+        per_axis.reverse()
+        u = per_axis[0].numel()
         tok = torch.ones(u, *dims, *dims, dtype=torch.bool)
         for a in range(nd):
             # Broadcast axis a's rule over the other axes of the query box and of the key box.
             shape_q = [dims[a] if i == a else 1 for i in range(nd)]
-            tok &= subs[a][uniq[:, a]].reshape(u, *shape_q, *shape_q)
-        block_masks = tok.reshape(uniq.shape[0], block_size, block_size)
+            tok &= subs[a][per_axis[a]].reshape(u, *shape_q, *shape_q)
+        block_masks = tok.reshape(u, block_size, block_size)
         pid = torch.full(partial.shape, -1, dtype=torch.int32)
         pid[qb, kb] = inverse.to(torch.int32)
         ids = torch.gather(pid[None, None], -1, layout.kv_indices.clamp_min(0).long())
