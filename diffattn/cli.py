@@ -1,4 +1,9 @@
-"""The ``diffattn`` command (also ``python -m diffattn``)."""
+"""The ``diffattn`` command (also ``python -m diffattn``).
+
+Subcommands: ``methods`` (list the attention methods), ``generate`` (batch video generation with a
+method, timed and compared to dense). Each subcommand is one ``_add_<name>`` function that builds its
+parser and sets ``handler``; heavy imports happen inside the handler, so ``--help`` stays fast.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +11,130 @@ import argparse
 import sys
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
+    return value
+
+
+# -------------------------------------------------------------------------------------------- methods
+def _add_methods(sub) -> None:
+    p = sub.add_parser("methods", help="list the attention methods")
+    p.set_defaults(handler=_run_methods)
+
+
+def _run_methods(args, parser) -> int:
+    import diffattn
+
+    print("\n".join(diffattn.methods()))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- generate
+_GENERATE_EPILOG = """\
+examples:
+  diffattn generate --out out/                                  # tiny model, built-in prompts, dense
+  diffattn generate --method radial --compare dense --prompts prompts.txt --out out/
+  diffattn generate --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --method adaspa --config sparsity=0.8 \\
+      --prompts prompts.jsonl --frames 33 --height 480 --width 832 --steps 50 --compare dense --out out/
+  accelerate launch --num_processes 4 -m diffattn generate ...  # prompts split across 4 GPUs
+
+prompts: .txt (one prompt a line, '#' comments) or .jsonl ({"prompt": ..., "seed": ...,
+"negative_prompt": ..., "frames": ..., "height": ..., "width": ..., "steps": ..., "guidance": ...}).
+Outputs: <out>/<index>-<slug>.mp4, <out>/report.jsonl (one JSON line a video), <out>/summary.json.
+"""
+
+
+def _add_generate(sub) -> None:
+    from .pipelines.generate import DTYPE_CHOICES
+
+    p = sub.add_parser(
+        "generate",
+        help="generate videos in batch with an attention method and compare with dense",
+        description="Generate one video per prompt with --method, time it, and (with --compare dense) "
+        "measure speedup and PSNR/SSIM against the dense video from the same seed.",
+        epilog=_GENERATE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", default="tiny", help="'tiny' (embedded, default), a local Diffusers folder or a hub id")
+    p.add_argument("--method", default="dense", help="attention method (see `diffattn methods`); default dense")
+    p.add_argument(
+        "--config", nargs="+", action="extend", metavar="FILE.json|KEY=VALUE",
+        help="the method's config: a JSON file and/or key=value fields (values read as JSON)",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompts", help="a .txt (one prompt a line) or .jsonl file (per-item prompt/seed/size)")
+    src.add_argument("--prompt", action="append", help="a prompt (repeat for several); default: examples for tiny")
+    p.add_argument("--negative-prompt", help="negative prompt for every item (a .jsonl item may override)")
+    p.add_argument("--frames", type=_positive_int, help="frames per video (default: the pipeline's; tiny 9)")
+    p.add_argument("--height", type=_positive_int, help="height in pixels (default: the pipeline's; tiny 64)")
+    p.add_argument("--width", type=_positive_int, help="width in pixels (default: the pipeline's; tiny 64)")
+    p.add_argument("--steps", type=_positive_int, help="denoising steps (default: the pipeline's; tiny 20)")
+    p.add_argument("--guidance", type=_non_negative_float, help="guidance scale (default: the pipeline's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of item i is seed+i unless the item sets one")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="weights dtype; auto: float32 for tiny and on CPU, bfloat16 on GPU")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: this process's GPU, else CPU)")
+    p.add_argument("--out", default="diffattn-out", help="output folder (default: ./diffattn-out)")
+    p.add_argument("--compare", choices=["dense"], help="also generate dense from the same seed: speedup, PSNR, SSIM")
+    p.add_argument("--save-dense", action="store_true", help="with --compare dense, also write <index>-<slug>.dense.mp4")
+    p.add_argument("--resume", action="store_true", help="skip items already in report.jsonl whose video exists")
+    p.add_argument("--fps", type=_positive_int, default=8, help="frame rate of the mp4 files (default 8)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(handler=_run_generate)
+
+
+def _run_generate(args, parser) -> int:
+    from .pipelines.generate import GenerateOptions, parse_config, run
+
+    try:
+        opts = GenerateOptions(
+            model=args.model, method=args.method, config=parse_config(args.config),
+            prompts=args.prompts if args.prompts is not None else args.prompt,
+            frames=args.frames, height=args.height, width=args.width, steps=args.steps,
+            guidance=args.guidance, negative_prompt=args.negative_prompt, seed=args.seed,
+            dtype=args.dtype, device=args.device, out=args.out, compare=args.compare,
+            resume=args.resume, fps=args.fps, save_dense=args.save_dense, progress=not args.no_progress,
+        )
+        opts.validate()
+        if args.prompts is not None:
+            opts.items()  # a missing or unreadable prompt file is an argument error
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        parser.error(str(e))
+    if args.save_dense and args.compare != "dense":
+        parser.error("--save-dense needs --compare dense")
+    return run(opts)
+
+
+# ----------------------------------------------------------------------------------------------- main
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(
         prog="diffattn", description="Sparse and editable attention for Diffusers video/image models."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("methods", help="list the attention methods")
-    return parser
+    _add_methods(sub)
+    _add_generate(sub)
+    return parser, sub.choices
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "methods":
-        import diffattn
-
-        print("\n".join(diffattn.methods()))
-        return 0
-    return 2
+    parser, subparsers = build_parser()
+    args = parser.parse_args(argv)
+    return args.handler(args, subparsers[args.command])
 
 
 if __name__ == "__main__":
