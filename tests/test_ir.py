@@ -550,12 +550,14 @@ def test_pipeline_end_to_end_with_boxes(which, request):
     pipe = request.getfixturevalue(which)
     ir = IRDiffusionPipeline(pipe)
     g = torch.Generator().manual_seed(0)
-    latents = torch.randn(3, 4, 8, 8, generator=g)
+    latents = torch.randn(3, 4, 8, 12, generator=g)  # non-square, as the official 768 x 1280
     out = ir(PROMPTS, SCENE, boxes=BOXES_T, reference_boxes=BOXES_R, num_inference_steps=2, height=16,
-             width=16, latents=latents, output_type="pt", config=IRConfig(start_layer=0))
-    assert out.images.shape == (1, 3, 16, 16) and out.reference_images.shape == (2, 3, 16, 16)
+             width=24, latents=latents, output_type="pt", config=IRConfig(start_layer=0), capture=True)
+    assert out.images.shape == (1, 3, 16, 24) and out.reference_images.shape == (2, 3, 16, 24)
+    grids = {r["grid"] for r in out.records if r["kind"] == "reference"}
+    assert grids == ({(8, 12), (4, 6)} if which == "sd" else {(4, 6)})
     assert torch.isfinite(out.images).all()
-    plain = pipe(PROMPTS + [SCENE], num_inference_steps=2, guidance_scale=7.0, height=16, width=16,
+    plain = pipe(PROMPTS + [SCENE], num_inference_steps=2, guidance_scale=7.0, height=16, width=24,
                  latents=latents.clone(),
                  output_type="pt").images
     torch.testing.assert_close(out.reference_images, plain[:2], atol=MODEL_TOL[0], rtol=MODEL_TOL[1])
