@@ -22,6 +22,7 @@ from diffattn.kernels import (
     merge_attention,
 )
 from diffattn.kernels.api import can_run
+from diffattn.kernels.triton_attention import triton_block_sparse_attention
 from tests.tolerances import assert_close
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -205,6 +206,24 @@ def test_non_contiguous_inputs(backend):
     _check(o, lse, *ref, torch.float16)
 
 
+@pytest.mark.parametrize(
+    "bq,bk,block_m", [(64, 32, 32), (256, 32, None)], ids=["bq64-split-32", "bq256-split-128"]
+)
+def test_triton_query_block_split(bq, bk, block_m):
+    # A layout query block served by several programs: partial-block rows must line up.
+    b, h, nq, nk, d = 1, 2, 300, 100, 40
+    q, k, v = _qkv(b, h, nq, nk, d, torch.float32)
+    i = torch.arange(nq)[:, None] // 3
+    j = torch.arange(nk)[None, :]
+    tm = ((i - j).abs() <= 12).expand(b, h, nq, nk).clone()
+    tm[0, 1, 100:140] = False
+    layout = BlockSparseLayout.from_token_mask(tm, bq, bk)
+    o, lse = triton_block_sparse_attention(q, k, v, layout, block_m=block_m)
+    _check(o, lse, *dense_masked_attention(q, k, v, token_mask=tm), torch.float32)
+    with pytest.raises(ValueError, match="block_m"):
+        triton_block_sparse_attention(q, k, v, layout, block_m=bq * 2)
+
+
 # ---------------------------------------------------------------- merge_attention
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_merge_of_disjoint_block_sets_equals_full(backend):
@@ -305,8 +324,8 @@ def test_bad_backend_and_layout_rejected(monkeypatch):
         block_sparse_attention(q, q, q, _layout(), backend="cuda")
     with pytest.raises(TypeError, match="BlockSparseLayout"):
         block_sparse_attention(q, q, q, torch.ones(1, 1, 2, 2, dtype=torch.bool), backend="torch")
-    big = BlockSparseLayout.dense(1, 1, 100, 100, 256, 256)
-    with pytest.raises(ValueError, match="block_q, block_k <= 128"):
+    big = BlockSparseLayout.dense(1, 1, 100, 100, 64, 256)
+    with pytest.raises(ValueError, match="block_k <= 128"):
         block_sparse_attention(q, q, q, big, backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not can_run("triton", torch.device("cpu"))

@@ -162,8 +162,8 @@ def block_sparse_attention(
         layout = layout.to(q.device)
     scale = d**-0.5 if scale is None else float(scale)
     name = resolve_backend(backend, q.device)
-    if name == "triton" and backend == "auto" and max(layout.block_q, layout.block_k) > 128:
-        log_once("auto-big-block", "diffattn: layout blocks above 128 use the PyTorch path (Triton tiles <= 128)")
+    if name == "triton" and backend == "auto" and layout.block_k > 128:
+        log_once("auto-big-block", "diffattn: key blocks above 128 use the PyTorch path (Triton tiles <= 128)")
         name = "torch"
     if name == "triton":
         from .triton_attention import triton_block_sparse_attention

@@ -43,7 +43,7 @@ def _configs() -> list[triton.Config]:
     ]
 
 
-@triton.autotune(configs=_configs(), key=["BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "HAS_PARTIAL"])
+@triton.autotune(configs=_configs(), key=["BLOCK_M", "SPLIT_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "HAS_PARTIAL"])
 @triton.jit
 def _block_sparse_fwd_kernel(
     Q, K, V, O, LSE,
@@ -60,6 +60,7 @@ def _block_sparse_fwd_kernel(
     stride_pp, stride_pi, stride_pj,
     H, N_Q, N_K, D, DV,
     BLOCK_M: tl.constexpr,
+    SPLIT_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
@@ -72,8 +73,12 @@ def _block_sparse_fwd_kernel(
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
+    # A layout query block of SPLIT_M * BLOCK_M rows may be served by SPLIT_M programs.
+    q_blk = pid_m // SPLIT_M
+    sub = (pid_m % SPLIT_M) * BLOCK_M
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_i = tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + offs_i
     offs_j = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -92,9 +97,9 @@ def _block_sparse_fwd_kernel(
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
 
-    count = tl.load(KV_CNT + b * stride_cb + h * stride_ch + pid_m * stride_cm)
-    idx_base = KV_IDX + b * stride_ib + h * stride_ih + pid_m * stride_im
-    mid_base = KV_MID + b * stride_mb + h * stride_mh + pid_m * stride_mm
+    count = tl.load(KV_CNT + b * stride_cb + h * stride_ch + q_blk * stride_cm)
+    idx_base = KV_IDX + b * stride_ib + h * stride_ih + q_blk * stride_im
+    mid_base = KV_MID + b * stride_mb + h * stride_mh + q_blk * stride_mm
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -112,13 +117,15 @@ def _block_sparse_fwd_kernel(
         if UPCAST:
             kb_tile = kb_tile.to(tl.float32)
         s = tl.dot(q, tl.trans(kb_tile), input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(col_ok[None, :], s, float("-inf"))
+        # Only the block holding the key tail needs its columns masked.
+        if (kb + 1) * BLOCK_N > N_K:
+            s = tl.where(col_ok[None, :], s, float("-inf"))
         if HAS_PARTIAL:
             mid = tl.load(mid_base + t * stride_mk)
             if mid >= 0:
                 keep = tl.load(
                     BMASK + mid.to(tl.int64) * stride_pp
-                    + (offs_m - pid_m * BLOCK_M)[:, None] * stride_pi
+                    + (sub + offs_i)[:, None] * stride_pi
                     + offs_j[None, :] * stride_pj
                 )
                 s = tl.where(keep != 0, s, float("-inf"))
@@ -151,12 +158,27 @@ def _block_sparse_fwd_kernel(
     tl.store(LSE + b * stride_lb + h * stride_lh + offs_m * stride_ln, lse, mask=row_ok)
 
 
+def _pick_block_m(block_q: int, block_k: int, block_d: int, block_dv: int, elem: int) -> int:
+    """Rows per program: the layout's query block, halved while the tiles would not fit on chip.
+
+    One stage of K and V tiles plus the Q tile must fit in ~160 KB of shared memory (Hopper has 228 KB),
+    and head dims above 128 keep at most 64 rows so the fp32 accumulator stays in registers.
+    """
+    bm = min(block_q, _MAX_TILE)
+    if max(block_d, block_dv) > 128:
+        bm = min(bm, 64)
+    while bm > 16 and elem * (bm * block_d + block_k * (block_d + block_dv)) > 160 * 1024:
+        bm //= 2
+    return bm
+
+
 def _launch(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     layout: BlockSparseLayout,
     scale: float,
+    block_m: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     b, h, nq, d = q.shape
     nk, dv = k.shape[-2], v.shape[-1]
@@ -181,8 +203,14 @@ def _launch(
     upcast = q.dtype == torch.bfloat16 and _interpreting()
     # fp32 inputs ask for fp32 results: no TF32 rounding of the operands.
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    if block_m is None:
+        block_m = _pick_block_m(bq, bk, block_d, block_dv, q.element_size())
+    elif block_m < 16 or block_m > min(bq, _MAX_TILE) or bq % block_m:
+        raise ValueError(
+            f"block_m must be a power of two in 16..{min(bq, _MAX_TILE)} dividing block_q={bq}, got {block_m}"
+        )
 
-    grid = (mq, b * h)
+    grid = (mq * (bq // block_m), b * h)
     _block_sparse_fwd_kernel[grid](
         q, k, v, o, lse,
         idx, cnt, mid, bmask,
@@ -190,7 +218,8 @@ def _launch(
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *lse.stride(),
         *idx.stride(), *cnt.stride(), *mid.stride(), *bmask.stride(),
         h, nq, nk, d, dv,
-        BLOCK_M=bq,
+        BLOCK_M=block_m,
+        SPLIT_M=bq // block_m,
         BLOCK_N=bk,
         BLOCK_D=block_d,
         BLOCK_DV=block_dv,
@@ -208,6 +237,7 @@ def triton_block_sparse_attention(
     v: torch.Tensor,
     layout: BlockSparseLayout,
     scale: float | None = None,
+    block_m: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention with the Triton kernel.
 
@@ -215,22 +245,23 @@ def triton_block_sparse_attention(
         q: ``[B, H, Nq, D]``; k: ``[B, H, Nk, D]``; v: ``[B, H, Nk, Dv]`` — fp16, bf16 or fp32, any
             strides, on CUDA (or CPU under ``TRITON_INTERPRET=1``); ``D, Dv <= 256``.
         layout: ``ceil(Nq/block_q)`` query blocks and ``ceil(Nk/block_k)`` key blocks, batch/head dims
-            1 or matching; ``block_q, block_k`` in 16..128 are the kernel's tile.
+            1 or matching; ``block_k <= 128`` is the kernel's key tile.
         scale: softmax scale, default ``D ** -0.5``.
+        block_m: query rows per program (speed only), a power of two dividing ``block_q``; by default
+            ``min(block_q, 128)``, smaller where large head dims or fp32 tiles would not fit on chip.
 
     Returns:
         ``o`` ``[B, H, Nq, Dv]`` in q's dtype and ``lse`` float32 ``[B, H, Nq]`` (natural log). Rows that
         see no key give zeros and ``lse = -inf``.
     """
     b, h, nq, d = q.shape
-    if layout.block_q > _MAX_TILE or layout.block_k > _MAX_TILE:
+    if layout.block_k > _MAX_TILE:
         raise ValueError(
-            f"the Triton kernel tiles by the layout's blocks and supports block_q, block_k <= {_MAX_TILE}, "
-            f"got ({layout.block_q}, {layout.block_k}); build the layout with smaller blocks or use "
-            "backend='torch'"
+            f"the Triton kernel uses the layout's key blocks as its tile and supports block_k <= {_MAX_TILE}, "
+            f"got {layout.block_k}; build the layout with smaller key blocks or use backend='torch'"
         )
     layout.check_inputs(b, h, nq, k.shape[-2])
     if layout.kv_indices.device != q.device:
         layout = layout.to(q.device)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    return _launch(q, k, v, layout, scale)
+    return _launch(q, k, v, layout, scale, block_m)
