@@ -41,7 +41,9 @@ def ref_key_sets(shape, kernel, stride, dilation, causal):
     index = {c: i for i, c in enumerate(coords)}
     sets = []
     for c in coords:
-        per_axis = [ref_axis_keys(c[a], shape[a], kernel[a], stride[a], dilation[a], causal[a]) for a in range(len(shape))]
+        per_axis = [
+            ref_axis_keys(c[a], shape[a], kernel[a], stride[a], dilation[a], causal[a]) for a in range(len(shape))
+        ]
         sets.append([index[kc] for kc in itertools.product(*per_axis)])
     return sets
 
@@ -76,7 +78,12 @@ def _cases():
     for s, d, c in itertools.product((1, 2, 7), (1, 2), (False, True)):
         cases.append(((37,), (7,), (s,), (d,), (c,), (16,), 16))
     # 2-D: odd sizes, one tile not filling the grid, even kernel on one axis
-    for s, d, c in [((1, 1), (1, 1), (False, False)), ((2, 2), (1, 2), (False, False)), ((3, 4), (2, 1), (True, False)), ((3, 4), (1, 1), (False, False))]:
+    for s, d, c in [
+        ((1, 1), (1, 1), (False, False)),
+        ((2, 2), (1, 2), (False, False)),
+        ((3, 4), (2, 1), (True, False)),
+        ((3, 4), (1, 1), (False, False)),
+    ]:
         cases.append(((9, 11), (3, 4), s, d, c, (4, 8), 16))
     # 3-D: causal on time, dilation 2, stride = kernel (blocked)
     for s, d, c in [
@@ -183,7 +190,8 @@ def test_method_equals_dense_with_neighbourhood_mask(text_len, text_first):
     n = nv + text_len
     q, k, v = (torch.randn(2, 3, n, 16) for _ in range(3))
     rec = []
-    out = GNAMethod(cfg).attend(q, k, v, AttnContext(grid=grid, text_len=text_len, text_first=text_first, record=lambda **kw: rec.append(kw)))
+    ctx = AttnContext(grid=grid, text_len=text_len, text_first=text_first, record=lambda **kw: rec.append(kw))
+    out = GNAMethod(cfg).attend(q, k, v, ctx)
     video = sets_to_mask(ref_key_sets(grid, cfg.kernel_size, cfg.stride, cfg.dilation, cfg.is_causal))
     full = torch.ones(n, n, dtype=torch.bool)
     vs = slice(text_len, n) if text_first else slice(0, nv)
@@ -197,7 +205,9 @@ def test_method_clips_kernel_to_small_grids_and_runs_dense_in_warmup():
     grid = (3, 4, 4)
     q, k, v = (torch.randn(1, 2, 48, 16) for _ in range(3))
     dense, _ = dense_masked_attention(q, k, v)
-    cfg = GNAConfig.preset("strided", tile_shape=(2, 2, 4), block_size=16, backend="torch", dense_steps=10, dense_layers=1)
+    cfg = GNAConfig.preset(
+        "strided", tile_shape=(2, 2, 4), block_size=16, backend="torch", dense_steps=10, dense_layers=1
+    )
     method = GNAMethod(cfg)
     rec = []
     out = method.attend(q, k, v, AttnContext(grid=grid, step=3, layer_index=2, record=lambda **kw: rec.append(kw)))

@@ -213,7 +213,9 @@ def test_warmup_layers_and_steps_run_dense():
 
     def run(step, layer, num_steps=50):
         rec = []
-        ctx = AttnContext(grid=grid, step=step, num_steps=num_steps, layer_index=layer, record=lambda **kw: rec.append(kw))
+        ctx = AttnContext(
+            grid=grid, step=step, num_steps=num_steps, layer_index=layer, record=lambda **kw: rec.append(kw)
+        )
         return method.attend(q, k, v, ctx), rec[-1]
 
     for step, layer, num_steps in [(0, 5, 50), (11, 5, 50), (30, 0, 50), (5, 5, 25)]:

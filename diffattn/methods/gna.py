@@ -76,7 +76,9 @@ class GNAConfig(MethodConfig):
         if self.dense_layers < 0:
             raise ValueError(f"GNAConfig.dense_layers must be >= 0, got {self.dense_layers}")
         if not 0 <= self.dense_steps <= 50:
-            raise ValueError(f"GNAConfig.dense_steps counts steps of a 50-step schedule; use 0..50, got {self.dense_steps}")
+            raise ValueError(
+                f"GNAConfig.dense_steps counts steps of a 50-step schedule; use 0..50, got {self.dense_steps}"
+            )
         _check_block_size(self.block_size, "GNAConfig.block_size")
         try:
             na._check_tile((1, 1, 1), self.tile_shape, self.block_size)

@@ -412,7 +412,7 @@ def _main(argv: list[str] | None = None) -> None:
             m = axis_neighborhood(a.shape[ax], k[ax], s[ax], d[ax], c[ax])
             keep &= m[q[ax]][coords[..., ax]]
         # Frames side by side: rows are H, columns run over W within each frame, frame after frame.
-        grid2d = {1: lambda t: t[None], 2: lambda t: t, 3: lambda t: t.permute(1, 0, 2).reshape(t.shape[1], -1)}[nd](keep)
+        grid2d = keep[None] if nd == 1 else keep if nd == 2 else keep.permute(1, 0, 2).reshape(a.shape[1], -1)
         panels.append((f"keys of query {q} (frames side by side)", grid2d))
     save_masks(panels, a.out)
     st = plan.stats

@@ -9,8 +9,13 @@ pattern block ``b`` (128 in the official code), with ``bitlen`` Python's ``int.b
 * ``decay = 2**bitlen(P) / 2**bitlen(dist)``;
 * the window is ``P`` (whole frame) when ``dist <= 1``, else ``max(decay * decay_factor, b)``;
   token ``(r, c)`` of the frame pair (in-frame indices) is kept where ``|c - r| <= window``;
-* temporal striding: when ``decay < b`` the pair is kept only if ``dist % (b // decay) == 0``;
+* temporal striding: when ``decay < b`` the pair is kept only if ``dist % (b // decay) == 0`` (this
+  applies to every distance, so with frames shorter than ``b / 2`` tokens even neighbours are dropped);
 * with ``attention_sink`` (Wan) every query frame attends densely to key frame 0.
+
+The official code floors the window at its block size and hard-codes 128 as the striding threshold;
+its runs always use 128-token blocks, so both are ``pattern_block`` here. The kernel tile
+(``block_size`` in the method) is separate: the layout reproduces the pattern exactly at any tile.
 
 Each frame pair's token mask is then shrunk to blocks of ``b`` tokens on the global block grid: a
 block is kept where more than 60% of its non-empty columns have more than ``b/3`` kept rows (counted
@@ -227,7 +232,8 @@ def block_mask_to_layout(
     if block_size <= pattern_block:
         r = pattern_block // block_size
         fine = mask.repeat_interleave(r, 0).repeat_interleave(r, 1)[:mk, :mk]
-        return BlockSparseLayout.from_block_mask(fine[None, None].contiguous(), block_size, block_size, seq_len, seq_len)
+        fine = fine[None, None].contiguous()
+        return BlockSparseLayout.from_block_mask(fine, block_size, block_size, seq_len, seq_len)
     r = block_size // pattern_block
     padded = mask.new_zeros(mk * r, mk * r)
     padded[:mp, :mp] = mask
