@@ -111,17 +111,21 @@ def gathered_block_attention(
         safe = torch.where(used, idx, torch.zeros_like(idx))
         kg = kp[bi, hi, safe]  # [B, H, c, Kmax, bk, D]
         vg = vp[bi, hi, safe]
-        s = torch.einsum("bhcqd,bhckjd->bhcqkj", qp[:, :, m0:m1], kg) * scale
-        keep = (used[..., None] & key_valid[safe])  # [B, H, c, Kmax, bk]
-        keep = keep[:, :, :, None].expand(-1, -1, -1, bq, -1, -1)
+        c = m1 - m0
+        s = torch.einsum("bhcqd,bhckjd->bhcqkj", qp[:, :, m0:m1], kg).mul_(scale)
+        # The key-side mask is the same for every query of a block: broadcast it instead of expanding.
+        keep = (used[..., None] & key_valid[safe])[:, :, :, None]  # [B, H, c, 1, Kmax, bk]
         if ids_all is not None:
             ids = ids_all[:, :, m0:m1].long()
             tok = layout.block_masks[ids.clamp_min(0)]  # [B, H, c, Kmax, bq, bk]
-            tok = torch.where((ids >= 0)[..., None, None], tok, torch.ones_like(tok))
+            tok = tok | (ids < 0)[..., None, None]
             keep = keep & tok.permute(0, 1, 2, 4, 3, 5)
-        c = m1 - m0
-        s = s.reshape(b, h, c, bq, kmax * bk)
-        p, lse = softmax_with_lse(s, keep.reshape(b, h, c, bq, kmax * bk))
+        s.masked_fill_(~keep, float("-inf"))
+        s = s.view(b, h, c, bq, kmax * bk)
+        lse = torch.logsumexp(s, dim=-1)
+        shift = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        # Masked scores are -inf, so exp turns them into exact zeros (also in rows with nothing kept).
+        p = s.sub_(shift[..., None]).exp_()
         out[:, :, m0:m1] = torch.einsum("bhcqkj,bhckjd->bhcqd", p.view(b, h, c, bq, kmax, bk), vg)
         lse_out[:, :, m0:m1] = lse
     o = out.view(b, h, mq * bq, dv)[:, :, :nq]
