@@ -41,9 +41,14 @@ def ref_cells(box, h, w):
     return {(r, c) for r in rows for c in cols}
 
 
-def ref_labels(boxes, h, w):
-    """Label per cell: among the boxes containing it, the smallest (ties: the later one)."""
-    cells = [ref_cells(b, h, w) for b in boxes]
+def cells_of(region, h, w):
+    """A test region is a box (normalised xyxy) or a frozenset of (r, c) cells (a mask on the grid)."""
+    return set(region) if isinstance(region, frozenset) else ref_cells(region, h, w)
+
+
+def ref_labels(regions, h, w):
+    """Label per cell: among the regions containing it, the smallest (ties: the later one)."""
+    cells = [cells_of(b, h, w) for b in regions]
     labels = []
     for r in range(h):
         for c in range(w):
@@ -74,24 +79,44 @@ def ref_reposition(x, src, dst):
     return out
 
 
-def ref_allowed(target_boxes, h, w, isolation=True, with_refs=True):
-    """bool [N, (n+1)N] (or [N, N]): refs' keys usable inside the target box of their subject."""
-    return _ref_allowed(tuple(map(tuple, target_boxes)), h, w, isolation, with_refs).clone()
+def ref_key_cells(target_region, ref_region, h, w, reposition=True):
+    """Usable key cells of one reference: its subject cells, moved into the target bbox if repositioned."""
+    ref = cells_of(ref_region, h, w)
+    if not reposition:
+        return ref
+    mask = torch.zeros(1, h, w)
+    for r, c in ref:
+        mask[0, r, c] = 1.0
+    dst = ref_bbox(cells_of(target_region, h, w))
+    moved = ref_reposition(mask, ref_bbox(ref), dst)[0]
+    return {(r, c) for r in range(h) for c in range(w) if moved[r, c] > 0.5}
+
+
+def ref_allowed(target_regions, h, w, isolation=True, with_refs=True, ref_regions=None, reposition=True):
+    """bool [N, (n+1)N] (or [N, N]): a query of subject i reads reference i's usable keys and target
+    keys of no other subject; a background query reads all target keys and no reference key."""
+    ref_regions = target_regions if ref_regions is None else ref_regions
+    key = (tuple(map(_hashable, target_regions)), tuple(map(_hashable, ref_regions)))
+    return _ref_allowed(*key, h, w, isolation, with_refs, reposition).clone()
+
+
+def _hashable(region):
+    return region if isinstance(region, frozenset) else tuple(region)
 
 
 @functools.lru_cache(maxsize=None)
-def _ref_allowed(target_boxes, h, w, isolation, with_refs):
-    n = len(target_boxes)
+def _ref_allowed(target_regions, ref_regions, h, w, isolation, with_refs, reposition):
+    n = len(target_regions)
     N = h * w
-    labels = ref_labels(target_boxes, h, w)
-    boxes = [ref_cells(b, h, w) for b in target_boxes]
+    labels = ref_labels(target_regions, h, w)
+    usable = [ref_key_cells(t, r, h, w, reposition) for t, r in zip(target_regions, ref_regions)]
     cols = (n + 1) * N if with_refs else N
     allowed = torch.zeros(N, cols, dtype=torch.bool)
     for q in range(N):
         lq = labels[q]
         if with_refs and lq >= 0:
             for k in range(N):
-                allowed[q, lq * N + k] = divmod(k, w) in boxes[lq]
+                allowed[q, lq * N + k] = divmod(k, w) in usable[lq]
         off = n * N if with_refs else 0
         for k in range(N):
             lk = labels[k]
@@ -99,7 +124,8 @@ def _ref_allowed(target_boxes, h, w, isolation, with_refs):
     return allowed
 
 
-def ref_ir_attention(attn, hs, n, target_boxes, ref_boxes, grid, isolation=True, with_refs=True):
+def ref_ir_attention(attn, hs, n, target_boxes, ref_boxes, grid, isolation=True, with_refs=True,
+                     reposition=True):
     """Output of the IR self-attention on a batch of G x [ref_0..ref_{n-1}, target] rows [B, N, C]."""
     h, w = grid
     B, N, C = hs.shape
@@ -116,7 +142,7 @@ def ref_ir_attention(attn, hs, n, target_boxes, ref_boxes, grid, isolation=True,
 
     q, k, v = split(attn.to_q(hs)), split(attn.to_k(hs)), split(attn.to_v(hs))
     out = torch.empty_like(q)
-    allowed = ref_allowed(target_boxes, h, w, isolation, with_refs)
+    allowed = ref_allowed(target_boxes, h, w, isolation, with_refs, ref_boxes, reposition)
     for g in range(B // (n + 1)):
         base = g * (n + 1)
         for i in range(n):
@@ -126,10 +152,12 @@ def ref_ir_attention(attn, hs, n, target_boxes, ref_boxes, grid, isolation=True,
         keys, values = [], []
         if with_refs:
             for i in range(n):
-                grid_hs = hs[base + i].T.reshape(C, h, w)
-                src = ref_bbox(ref_cells(ref_boxes[i], h, w))
-                dst = ref_bbox(ref_cells(target_boxes[i], h, w))
-                moved = ref_reposition(grid_hs, src, dst).reshape(C, N).T[None]
+                moved = hs[base + i][None]
+                if reposition:
+                    grid_hs = hs[base + i].T.reshape(C, h, w)
+                    src = ref_bbox(cells_of(ref_boxes[i], h, w))
+                    dst = ref_bbox(cells_of(target_boxes[i], h, w))
+                    moved = ref_reposition(grid_hs, src, dst).reshape(C, N).T[None]
                 keys.append(split(attn.to_k(moved)))
                 values.append(split(attn.to_v(moved)))
         keys.append(k[t : t + 1])
@@ -236,7 +264,7 @@ def test_box_cells_match_centre_rule(grid, box):
 
 @pytest.mark.parametrize("grid", [(5, 7), (8, 8)], ids=lambda g: f"h{g[0]}-w{g[1]}")
 def test_label_map_smaller_region_wins(grid):
-    boxes = BOXES_T + [(0.3, 0.3, 0.7, 0.7)]
+    boxes = [(0.3, 0.3, 0.7, 0.7)] + BOXES_T[::-1]  # smallest first: list order alone would fail
     assert label_map(boxes, *grid).tolist() == ref_labels(boxes, *grid)
 
 
@@ -319,6 +347,31 @@ def test_processor_three_subjects_no_isolation_matches_reference():
     with torch.no_grad():
         assert_close(attn(hs), ref_ir_attention(attn, hs, 3, boxes_t, boxes_r, (6, 6), isolation=False),
                      torch.float32)
+
+
+def _cells_mask(cells, h, w, up=4):
+    m = torch.zeros(h, w)
+    for r, c in cells:
+        m[r, c] = 1.0
+    return m.repeat_interleave(up, 0).repeat_interleave(up, 1)
+
+
+@pytest.mark.parametrize("reposition", [True, False], ids=["reposition", "in-place"])
+def test_processor_with_masks_matches_reference(reposition):
+    """Mask regions (an L-shape and a blob, overlapping) instead of boxes, on a 6 x 7 grid."""
+    h, w = 6, 7
+    t0 = frozenset({(r, c) for r in range(1, 6) for c in range(0, 2)} | {(5, c) for c in range(2, 5)})
+    t1 = frozenset({(r, c) for r in range(0, 3) for c in range(1, 6)})
+    r0 = frozenset({(r, c) for r in range(2, 4) for c in range(2, 7)})
+    r1 = frozenset({(r, c) for r in range(0, 6) for c in range(3, 5)} - {(0, 3)})
+    masks_t = [_cells_mask(t0, h, w), _cells_mask(t1, h, w)]
+    masks_r = [_cells_mask(r0, h, w).bool(), _cells_mask(r1, h, w)]
+    config = EXACT.replace(reposition=reposition)
+    attn, _ = _single_layer(config, masks_t, masks_r, (h, w))
+    hs = torch.randn(6, h * w, 16)
+    with torch.no_grad():
+        expected = ref_ir_attention(attn, hs, 2, [t0, t1], [r0, r1], (h, w), reposition=reposition)
+        assert_close(attn(hs), expected, torch.float32)
 
 
 def test_isolation_only_matches_reference():
