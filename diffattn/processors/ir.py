@@ -14,7 +14,8 @@ The processor changes only the *target's* self-attention; references attend to t
   elsewhere, so reference positions line up with target positions.
 - **Isolation attention.** A target query in subject region ``i``
 
-  * never attends to target keys in subject region ``j != i``,
+  * never attends to target keys in subject region ``j != i`` (background target keys stay
+    visible, as in the official code),
   * uses reference keys of subject ``i`` only, and only those inside the (repositioned) subject region.
 
   A *background* target query (in no subject region) attends to every target key and to no reference
