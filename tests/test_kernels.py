@@ -36,6 +36,17 @@ def _qkv(b, h, nq, nk, d, dtype, device="cpu", dv=None):
     return q, k, v
 
 
+def _device(backend):
+    """Triton and Flex run on CUDA when there is one; without it Triton runs in the interpreter."""
+    return "cuda" if backend in ("triton", "flex") and torch.cuda.is_available() else "cpu"
+
+
+def _ref(q, k, v, layout=None, token_mask=None):
+    layout = layout.to(q.device) if layout is not None else None
+    token_mask = token_mask.to(q.device) if token_mask is not None else None
+    return dense_masked_attention(q, k, v, layout, token_mask=token_mask)
+
+
 def _random_layout(lb, lh, nq, nk, bq, bk, density, device="cpu"):
     mq, mk = cdiv(nq, bq), cdiv(nk, bk)
     mask = torch.rand(lb, lh, mq, mk, device=device) < density
@@ -83,7 +94,7 @@ _MATRIX = [
 def test_backend_matches_reference(backend, case):
     b, h, nq, nk, d, dt, density, bq, bk = case
     dtype = DTYPES[dt]
-    q, k, v = _qkv(b, h, nq, nk, d, dtype)
+    q, k, v = _qkv(b, h, nq, nk, d, dtype, _device(backend))
     layout = _random_layout(b, h, nq, nk, bq, bk, density)
     o, lse = block_sparse_attention(q, k, v, layout, backend=backend)
     ref_o, ref_lse = dense_masked_attention(q, k, v, layout)
@@ -109,10 +120,10 @@ FULL_GRID = [
 def test_torch_backend_full_grid(lengths, d, dt, density):
     nq, nk = lengths
     dtype = DTYPES[dt]
-    q, k, v = _qkv(2, 3, nq, nk, d, dtype)
+    q, k, v = _qkv(2, 3, nq, nk, d, dtype, "cpu")
     layout = _random_layout(2, 3, nq, nk, 64, 64, density)
     o, lse = block_sparse_attention(q, k, v, layout, backend="torch")
-    _check(o, lse, *dense_masked_attention(q, k, v, layout), dtype)
+    _check(o, lse, *_ref(q, k, v, layout), dtype)
 
 
 # ---------------------------------------------------------------- full density = SDPA / logsumexp
@@ -121,7 +132,7 @@ def test_torch_backend_full_grid(lengths, d, dt, density):
 def test_full_density_equals_sdpa(backend, dt):
     dtype = DTYPES[dt]
     b, h, nq, nk, d = 2, 3, 200, 150, 64
-    q, k, v = _qkv(b, h, nq, nk, d, dtype)
+    q, k, v = _qkv(b, h, nq, nk, d, dtype, _device(backend))
     layout = BlockSparseLayout.dense(1, 1, nq, nk, 64, 64)
     scale = 0.3
     o, lse = block_sparse_attention(q, k, v, layout, scale=scale, backend=backend)
@@ -135,7 +146,7 @@ def test_full_density_equals_sdpa(backend, dt):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_empty_rows_give_zeros_and_neg_inf(backend):
     b, h, nq, nk, d, bq, bk = 2, 3, 150, 100, 40, 32, 32
-    q, k, v = _qkv(b, h, nq, nk, d, torch.float32)
+    q, k, v = _qkv(b, h, nq, nk, d, torch.float32, _device(backend))
     tm = torch.rand(b, h, nq, nk) < 0.3
     tm[0, 1, :40] = False  # whole query blocks with no key: no listed block at all
     tm[1, 0, 70:75] = False  # single rows inside a partial block: every key masked
@@ -143,9 +154,9 @@ def test_empty_rows_give_zeros_and_neg_inf(backend):
     layout = BlockSparseLayout.from_token_mask(tm, bq, bk)
     assert int(layout.kv_counts[0, 1, 0]) == 0 and layout.has_partial
     o, lse = block_sparse_attention(q, k, v, layout, backend=backend)
-    empty = ~tm.any(-1)
+    empty = ~tm.any(-1).to(o.device)
     assert bool(torch.isneginf(lse[empty]).all()) and bool((o[empty] == 0).all())
-    _check(o, lse, *dense_masked_attention(q, k, v, token_mask=tm), torch.float32)
+    _check(o, lse, *_ref(q, k, v, token_mask=tm), torch.float32)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -154,7 +165,7 @@ def test_partial_blocks_are_token_exact(backend, dt):
     # A sliding window (crossing block borders) with a padded key tail: mostly partial blocks.
     dtype = DTYPES[dt]
     b, h, nq, nk, d = 2, 3, 130, 100, 64
-    q, k, v = _qkv(b, h, nq, nk, d, dtype)
+    q, k, v = _qkv(b, h, nq, nk, d, dtype, _device(backend))
     i = torch.arange(nq)[:, None].float() * nk / nq
     j = torch.arange(nk)[None, :].float()
     window = (i - j).abs() <= torch.tensor([7.0, 18.0, 30.0])[:, None, None]
@@ -164,20 +175,20 @@ def test_partial_blocks_are_token_exact(backend, dt):
     layout = BlockSparseLayout.from_token_mask(tm, 32, 32)
     assert layout.has_partial
     o, lse = block_sparse_attention(q, k, v, layout, backend=backend)
-    _check(o, lse, *dense_masked_attention(q, k, v, token_mask=tm), dtype)
+    _check(o, lse, *_ref(q, k, v, token_mask=tm), dtype)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_key_padding_layout(backend):
     b, h, nq, nk, d = 2, 3, 100, 140, 40
-    q, k, v = _qkv(b, h, nq, nk, d, torch.float16)
+    q, k, v = _qkv(b, h, nq, nk, d, torch.float16, _device(backend))
     key_valid = torch.ones(b, nk, dtype=torch.bool)
     key_valid[0, 90:] = False
     key_valid[1, 5:40] = False
     layout = BlockSparseLayout.from_key_padding(key_valid, nq, 64, 64)
     o, lse = block_sparse_attention(q, k, v, layout, backend=backend)
     tm = key_valid[:, None, None, :].expand(b, h, nq, nk)
-    _check(o, lse, *dense_masked_attention(q, k, v, token_mask=tm), torch.float16)
+    _check(o, lse, *_ref(q, k, v, token_mask=tm), torch.float16)
 
 
 # ---------------------------------------------------------------- broadcasting and strides
@@ -185,24 +196,25 @@ def test_key_padding_layout(backend):
 @pytest.mark.parametrize("lb,lh", [(1, 1), (1, 3), (2, 1)], ids=["L1x1", "L1x3", "L2x1"])
 def test_broadcast_layouts(backend, lb, lh):
     b, h, nq, nk, d = 2, 3, 160, 130, 64
-    q, k, v = _qkv(b, h, nq, nk, d, torch.float32)
+    q, k, v = _qkv(b, h, nq, nk, d, torch.float32, _device(backend))
     layout = _random_layout(lb, lh, nq, nk, 32, 64, 0.5)
     o, lse = block_sparse_attention(q, k, v, layout, backend=backend)
     # Reference with an explicitly expanded (non-broadcast) layout.
     full = BlockSparseLayout.from_block_mask(layout.to_block_mask().expand(b, h, -1, -1).contiguous(), 32, 64)
-    _check(o, lse, *dense_masked_attention(q, k, v, full), torch.float32)
+    _check(o, lse, *_ref(q, k, v, full), torch.float32)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_non_contiguous_inputs(backend):
     b, h, nq, nk, d = 2, 3, 150, 120, 40
-    q = torch.randn(b, nq, h, d).half().transpose(1, 2)  # [B, N, H, D] as diffusers projects it
-    kv = torch.randn(b, h, nk, 2 * d + 8).half()
+    dev = _device(backend)
+    q = torch.randn(b, nq, h, d, device=dev).half().transpose(1, 2)  # [B, N, H, D] as diffusers projects it
+    kv = torch.randn(b, h, nk, 2 * d + 8, device=dev).half()
     k, v = kv[..., :d], kv[..., d + 8 :]
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
     layout = _random_layout(b, 1, nq, nk, 64, 32, 0.6)
     o, lse = block_sparse_attention(q, k, v, layout, backend=backend)
-    ref = dense_masked_attention(q.contiguous(), k.contiguous(), v.contiguous(), layout)
+    ref = _ref(q.contiguous(), k.contiguous(), v.contiguous(), layout)
     _check(o, lse, *ref, torch.float16)
 
 
@@ -212,14 +224,14 @@ def test_non_contiguous_inputs(backend):
 def test_triton_query_block_split(bq, bk, block_m):
     # A layout query block served by several programs: partial-block rows must line up.
     b, h, nq, nk, d = 1, 2, 300, 100, 40
-    q, k, v = _qkv(b, h, nq, nk, d, torch.float32)
+    q, k, v = _qkv(b, h, nq, nk, d, torch.float32, _device("triton"))
     i = torch.arange(nq)[:, None] // 3
     j = torch.arange(nk)[None, :]
     tm = ((i - j).abs() <= 12).expand(b, h, nq, nk).clone()
     tm[0, 1, 100:140] = False
     layout = BlockSparseLayout.from_token_mask(tm, bq, bk)
     o, lse = triton_block_sparse_attention(q, k, v, layout, block_m=block_m)
-    _check(o, lse, *dense_masked_attention(q, k, v, token_mask=tm), torch.float32)
+    _check(o, lse, *_ref(q, k, v, token_mask=tm), torch.float32)
     with pytest.raises(ValueError, match="block_m"):
         triton_block_sparse_attention(q, k, v, layout, block_m=bq * 2)
 
@@ -228,7 +240,7 @@ def test_triton_query_block_split(bq, bk, block_m):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_merge_of_disjoint_block_sets_equals_full(backend):
     b, h, nq, nk, d, bs = 2, 3, 150, 190, 64, 32
-    q, k, v = _qkv(b, h, nq, nk, d, torch.float32)
+    q, k, v = _qkv(b, h, nq, nk, d, torch.float32, _device(backend))
     mask = torch.rand(b, h, cdiv(nq, bs), cdiv(nk, bs)) < 0.6
     mask[0, 0, 0] = False  # a row empty in both halves
     split = torch.rand(mask.shape) < 0.5
@@ -238,7 +250,7 @@ def test_merge_of_disjoint_block_sets_equals_full(backend):
     o1, l1 = block_sparse_attention(q, k, v, part1, backend=backend)
     o2, l2 = block_sparse_attention(q, k, v, part2, backend=backend)
     o, lse = merge_attention(o1, l1, o2, l2)
-    _check(o, lse, *dense_masked_attention(q, k, v, BlockSparseLayout.from_block_mask(mask, bs, bs)), torch.float32)
+    _check(o, lse, *_ref(q, k, v, BlockSparseLayout.from_block_mask(mask, bs, bs)), torch.float32)
 
 
 def test_merge_of_key_ranges_equals_full_attention():
@@ -277,7 +289,7 @@ def _explicit_mass(q, k, lse, bq, bk, scale):
 )
 def test_block_mass(backend, nq, nk, d, dt, bq, bk):
     dtype = DTYPES[dt]
-    q, k, _ = _qkv(2, 3, nq, nk, d, dtype)
+    q, k, _ = _qkv(2, 3, nq, nk, d, dtype, _device(backend))
     scale = d**-0.5
     _, lse = dense_masked_attention(q, k, k)
     lse[0, 1, 3] = float("-inf")
@@ -355,7 +367,7 @@ def test_gpu_large_matches_reference(backend, d, dt):
     q, k, v = _qkv(b, h, nq, nk, d, dtype, device="cuda")
     layout = _random_layout(b, h, nq, nk, 128, 64, 0.3, device="cuda")
     o, lse = block_sparse_attention(q, k, v, layout, backend=backend)
-    _check(o, lse, *dense_masked_attention(q, k, v, layout), dtype)
+    _check(o, lse, *_ref(q, k, v, layout), dtype)
 
 
 @gpu
@@ -383,7 +395,7 @@ def test_gpu_partial_blocks_and_empty_rows_bf16():
     layout = BlockSparseLayout.from_token_mask(tm, 64, 64)
     for backend in ("triton", "flex"):
         o, lse = block_sparse_attention(q, k, v, layout, backend=backend)
-        _check(o, lse, *dense_masked_attention(q, k, v, token_mask=tm), torch.bfloat16)
+        _check(o, lse, *_ref(q, k, v, token_mask=tm), torch.bfloat16)
 
 
 @gpu
