@@ -417,7 +417,7 @@ def test_processor_rejects_batch_not_groups_of_refs_and_target():
 def _unet_inputs(pipe, batch, seed=0):
     g = torch.Generator().manual_seed(seed)
     unet = pipe.unet
-    size = unet.config.sample_size
+    size = 8  # latents 8x8: attention grids 8x8 and 4x4 (SD), 4x4 (SDXL) keep CPU runs short
     sample = torch.randn(batch, 4, size, size, generator=g)
     ctx = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=g)
     kwargs = {}
