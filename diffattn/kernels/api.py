@@ -192,6 +192,9 @@ def block_mass(
     ``mass[b, h, i, j] = sum_{r in Qblk i, c in Kblk j} exp(q_r . k_c * scale - lse_r)`` as float32
     ``[B, H, Mq, Mk]``; one pass over ``Q K^T`` with no ``P V`` and no ``Nq x Nk`` buffer. With the true
     LSE each row of blocks sums to the number of valid queries in that block.
+
+    ``backend`` is ``"auto"`` (Triton on CUDA for tiles up to 128, else PyTorch), ``"triton"`` or
+    ``"torch"``; ``"flex"`` (no mass-only pass exists) is treated as ``"auto"``.
     """
     check_qkv(q, k, k)
     if not isinstance(lse, torch.Tensor) or lse.shape != q.shape[:3]:
@@ -209,7 +212,7 @@ def block_mass(
         log_once("mass-flex", "diffattn: block_mass has no 'flex' backend; using 'auto'")
         backend = "auto"
     name = resolve_backend(backend, q.device)
-    if name == "triton" and max(block_q, block_k) > 128:
+    if name == "triton" and backend == "auto" and max(block_q, block_k) > 128:
         log_once("mass-big-block", "diffattn: block_mass tiles above 128 use the PyTorch path")
         name = "torch"
     if name == "triton":
