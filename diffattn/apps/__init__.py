@@ -1,0 +1,1 @@
+"""Applications built on diffattn: the Gradio demo (:mod:`diffattn.apps.demo`)."""
