@@ -407,6 +407,37 @@ def test_reference_dropout_drops_whole_query_rows_per_step():
     assert 0.25 * subject_cells < int(dropped[0].sum()) < 0.75 * subject_cells
 
 
+@pytest.mark.parametrize("groups", [1, 2], ids=["no-cfg", "cfg"])
+def test_mutual_cross_attention_matches_reference(groups):
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from diffattn.processors.ir import IRCrossAttnProcessor
+
+    torch.manual_seed(4)
+    attn = Attention(query_dim=16, cross_attention_dim=8, heads=2, dim_head=8, out_bias=True).eval()
+    lam, n, (h, w) = 0.7, 2, (5, 7)
+    state = IRState(config=IRConfig(mutual_cross_attention=lam),
+                    regions=IRRegions(target=BOXES_T, reference=BOXES_R), latent_hw=(h, w))
+    attn.set_processor(IRCrossAttnProcessor(state, AttnProcessor2_0()))
+    hs, ctx = torch.randn(groups * 3, h * w, 16), torch.randn(groups * 3, 9, 8)
+    labels = ref_labels(BOXES_T, h, w)
+    with torch.no_grad():
+        got = attn(hs, encoder_hidden_states=ctx)
+        expected = AttnProcessor2_0()(attn, hs, ctx)
+        for g in range(groups):
+            t = 3 * g + 2
+            q = attn.to_q(hs[t]).view(-1, 2, 8).transpose(0, 1)
+            for i in range(n):
+                k = attn.to_k(ctx[3 * g + i]).view(-1, 2, 8).transpose(0, 1)
+                v = attn.to_v(ctx[3 * g + i]).view(-1, 2, 8).transpose(0, 1)
+                o = ((q @ k.transpose(-1, -2)) * attn.scale).softmax(-1) @ v
+                mutual = attn.to_out[0](o.transpose(0, 1).reshape(h * w, 16))
+                for cell in range(h * w):
+                    if labels[cell] == i:
+                        expected[t, cell] = (1 - lam) * expected[t, cell] + lam * mutual[cell]
+    assert_close(got, expected, torch.float32)
+
+
 def test_processor_rejects_batch_not_groups_of_refs_and_target():
     attn, _ = _single_layer(EXACT, BOXES_T, BOXES_R, (5, 7))
     with pytest.raises(ValueError, match="not a multiple of 3"):
@@ -474,8 +505,11 @@ def test_off_equals_original_and_remove_restores_exactly(which, request):
     before = _run(unet, inputs)
     originals = dict(unet.attn_processors)
     regions = IRRegions(target=BOXES_T, reference=BOXES_R)
-    with IRAttention(unet, IRConfig(isolation=False, reference_attention=False), regions):
-        assert all(isinstance(unet.attn_processors[n], IRAttnProcessor) for n in self_attention_layers(unet))
+    off_config = IRConfig(isolation=False, reference_attention=False, mutual_cross_attention=0.0)
+    with IRAttention(unet, off_config, regions):
+        procs = unet.attn_processors
+        assert all(isinstance(procs[n], IRAttnProcessor) for n in self_attention_layers(unet))
+        assert all(procs[n] is originals[n] for n in procs if n.endswith("attn2.processor"))
         off = _run(unet, inputs)
     torch.testing.assert_close(off, before, atol=MODEL_TOL[0], rtol=MODEL_TOL[1])
     after = dict(unet.attn_processors)
@@ -681,6 +715,10 @@ def test_bad_input_errors(sd, kwargs, match):
 def test_config_errors():
     with pytest.raises(ValueError, match="end_step"):
         IRConfig(start_step=5, end_step=5)
+    with pytest.raises(ValueError, match="mutual_cross_attention"):
+        IRConfig(mutual_cross_attention=1.5)
+    with pytest.raises(ValueError, match="reference_dropout"):
+        IRConfig(reference_dropout=1.0)
     with pytest.raises(ValueError, match="interpolation"):
         IRConfig(interpolation="cubic")
     with pytest.raises(TypeError, match="IRAttention needs"):

@@ -20,6 +20,8 @@ The processor changes only the *target's* self-attention; references attend to t
 
   A *background* target query (in no subject region) attends to every target key and to no reference
   key, as in the official code (its reference columns are masked by the query-side spatial mask).
+- **Mutual cross-attention** (official run, from DreamStory): in subject region ``i`` the target's
+  cross-attention output is blended with its queries attending to reference ``i``'s prompt.
 
 Regions are given per subject as a normalised ``(x0, y0, x1, y1)`` box or a mask (any resolution) for
 the target and for the reference images. On a layer's ``h x w`` grid a cell belongs to a box when the
@@ -63,6 +65,7 @@ __all__ = [
     "IRPlan",
     "IRState",
     "IRAttnProcessor",
+    "IRCrossAttnProcessor",
     "SubjectMapProcessor",
     "IRAttention",
     "box_cells",
@@ -108,6 +111,11 @@ class IRConfig(MethodConfig):
             every step (per grid); trades some consistency for variety (default 0.5, the official
             run's ``dropout``; 0 = every subject query reads its reference).
         seed: Seed of the dropout draws (same seed and step give the same draw on any device).
+        mutual_cross_attention: Weight ``lam`` of the mutual cross-attention in the target's subject
+            regions: there the cross-attention output becomes ``(1 - lam) * own + lam * mutual_i``,
+            ``mutual_i`` being the target's queries attending to reference ``i``'s prompt (every
+            layer and step). Default 0.9, the official run's setting (its DreamStory heritage);
+            0 = off, leaving cross-attention untouched.
     """
 
     method: ClassVar[str] = "ir"
@@ -122,6 +130,7 @@ class IRConfig(MethodConfig):
     interpolation: Literal["nearest-exact", "nearest", "bilinear"] = "nearest-exact"
     reference_dropout: float = 0.5
     seed: int = 0
+    mutual_cross_attention: float = 0.9
 
     def validate(self) -> None:
         if self.start_layer is not None and self.start_layer < 0:
@@ -129,6 +138,10 @@ class IRConfig(MethodConfig):
         if not 0.0 <= self.reference_dropout < 1.0:
             raise ValueError(
                 f"IRConfig.reference_dropout={self.reference_dropout} must be in [0, 1) (0 = off)"
+            )
+        if not 0.0 <= self.mutual_cross_attention <= 1.0:
+            raise ValueError(
+                f"IRConfig.mutual_cross_attention={self.mutual_cross_attention} must be in [0, 1] (0 = off)"
             )
         if self.start_step < 0:
             raise ValueError(f"IRConfig.start_step={self.start_step} must be >= 0")
@@ -650,6 +663,84 @@ class IRAttnProcessor:
         )
 
 
+class IRCrossAttnProcessor:
+    """Cross-attention (``attn2``) processor adding mutual cross-attention to the target rows.
+
+    Runs the module's own processor, then in the target's subject region ``i`` blends its output with
+    the output of the target's queries attending to reference ``i``'s text keys/values (same CFG
+    half), weight ``config.mutual_cross_attention``. Reference rows and background cells keep the
+    module's own output.
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, state: IRState, original, layer_name: str = "") -> None:
+        self.state = state
+        self.original = original
+        self.layer_name = layer_name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        st = self.state
+        lam = st.config.mutual_cross_attention
+        if (
+            lam <= 0.0
+            or st.regions is None
+            or encoder_hidden_states is None
+            or attention_mask is not None
+            or hidden_states.ndim != 3
+            or st.latent_hw is None
+        ):
+            return out
+        n = st.regions.num_subjects
+        group = n + 1
+        bsz, n_tok, _ = hidden_states.shape
+        if bsz % group:
+            raise ValueError(
+                f"IR cross-attention got a batch of {bsz} on {self.layer_name!r}, not a multiple of "
+                f"{group} = {n} references + 1 target"
+            )
+        h, w = layer_grid(n_tok, st.latent_hw)
+        labels = st.plan(h, w, hidden_states.device).labels
+        rows = torch.arange(bsz, device=hidden_states.device).view(-1, group)
+        tgt, refs = rows[:, -1], rows[:, :-1].flatten()
+        x = hidden_states[tgt]
+        if attn.group_norm is not None:
+            x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
+        ctx = encoder_hidden_states[refs]
+        if attn.norm_cross:
+            ctx = attn.norm_encoder_hidden_states(ctx)
+        heads = attn.heads
+
+        def split(t):
+            return t.view(t.shape[0], -1, heads, t.shape[-1] // heads).transpose(1, 2)
+
+        q = split(attn.to_q(x))  # [G, H, N, D]
+        k = split(attn.to_k(ctx))  # [G*n, H, T, D]
+        v = split(attn.to_v(ctx))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        g = q.shape[0]
+        q = q.repeat_interleave(n, 0)  # row g*n + i: target of group g with reference i
+        mutual = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+        mutual = mutual.transpose(1, 2).reshape(g * n, n_tok, -1).to(x.dtype)
+        mutual = attn.to_out[1](attn.to_out[0](mutual))
+        if attn.residual_connection:
+            mutual = mutual + hidden_states[tgt].repeat_interleave(n, 0)
+        mutual = (mutual / attn.rescale_output_factor).view(g, n, n_tok, -1)
+        # Per cell: the mutual output of its own subject; background cells keep their own output.
+        own = labels.clamp_min(0)
+        pick = mutual.gather(1, own.view(1, 1, n_tok, 1).expand(g, 1, n_tok, mutual.shape[-1]))[:, 0]
+        weight = (labels >= 0).to(out.dtype).view(1, n_tok, 1) * lam
+        out = out.clone()
+        out[tgt] = out[tgt] + weight * (pick - out[tgt])
+        return out
+
+
 class SubjectMapProcessor:
     """Cross-attention processor that accumulates subject-token attention maps (no change to output).
 
@@ -756,6 +847,10 @@ class IRAttention:
         else:
             for i, name in enumerate(self.layers):
                 procs[name] = IRAttnProcessor(self.state, i, name[: -len(".processor")])
+            if self.state.config.mutual_cross_attention > 0 and self.state.regions is not None:
+                for name, proc in originals.items():
+                    if name.endswith("attn2.processor"):
+                        procs[name] = IRCrossAttnProcessor(self.state, proc, name[: -len(".processor")])
         self.state.reset()
         if self.subject_map_tokens is not None:
             self.state.subject_maps.update(tokens=self.subject_map_tokens, sum={}, count=0)
