@@ -159,7 +159,7 @@ def _maybe_prompt(text: str) -> str | None:
     return data.get("prompt") if isinstance(data, dict) else None
 
 
-def slugify(text: str | None, max_len: int = 48) -> str:
+def slugify(text: str | None, max_len: int = 64) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", (text or "").lower()).strip("-")[:max_len].rstrip("-")
     return slug or "item"
 
@@ -258,6 +258,12 @@ class GenerateOptions:
                 torch.device(self.device)
             except RuntimeError:
                 raise ValueError(f"--device {self.device!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
+        if self.model != "tiny" and not os.path.isdir(os.path.expanduser(self.model)):
+            if self.model.startswith((".", "/", "~")) or self.model.count("/") != 1:
+                raise ValueError(
+                    f"--model {self.model!r} is neither a folder nor a hub id (org/name); give 'tiny', "
+                    "a Diffusers folder (written by save_pretrained) or a hub id"
+                )
         if self.prompts is None and self.model != "tiny":
             raise ValueError("--prompts (a .txt or .jsonl file) or --prompt is needed for models other than tiny")
 
@@ -666,10 +672,12 @@ def run(opts: GenerateOptions) -> int:
                 runner = _Runner(opts, procs)
             except (KeyboardInterrupt, SystemExit):
                 raise
-            except Exception as e:
+            except Exception as e:  # recorded for every item, so the report says why nothing ran
                 for it in todo:
                     _append_jsonl(report, _error_row(None, opts, it, e))
-                raise
+                print(f"cannot load --model {opts.model!r}: {type(e).__name__}: {e}", file=sys.stderr)
+                todo = []
+                failures = 1
         bar = tqdm(todo, desc="videos" if procs.count == 1 else f"videos [{procs.index}]", unit="video",
                    disable=not opts.progress, position=0 if procs.count == 1 else procs.index * 2)
         for item in bar:
@@ -744,13 +752,13 @@ def format_table(summary: dict[str, Any]) -> str:
         if r.get("status") != "ok":
             text = f"{text}  [{(r.get('error') or '')[:70]}]"
         lines.append(
-            f"{r.get('index', '?'):>4}  {r.get('status', '?'):6}  {_fmt(secs, '7.2f')}  {_fmt(r.get('speedup'), '6.2f'):>6}x"
-            f"  {_fmt(r.get('density'), '7.3f')}  {psnr:>6}  {_fmt(r.get('ssim'), '6.4f')}  {text}"
+            f"{r.get('index', '?'):>4}  {r.get('status', '?'):6}  {_fmt(secs, '.2f'):>7}  {_fmt(r.get('speedup'), '.2f') + 'x':>7}"
+            f"  {_fmt(r.get('density'), '.3f'):>7}  {psnr:>6}  {_fmt(r.get('ssim'), '.4f'):>6}  {text}"
         )
     lines.append("-" * len(head))
     lines.append(
         f"{summary['ok']}/{summary['items']} ok, {summary['errors']} failed, {summary['seconds']:.1f} s; "
-        f"speedup {_fmt(summary['speedup'], '.2f')}x, density {_fmt(summary['density'], '.3f')}, "
+        f"speedup {_fmt(summary['speedup'], '.2f')}{'x' if summary['speedup'] else ''}, density {_fmt(summary['density'], '.3f')}, "
         f"PSNR {_fmt(summary['psnr'], '.2f')}, SSIM {_fmt(summary['ssim'], '.4f')}"
         + (f", LPIPS {summary['lpips']:.4f}" if summary.get("lpips") is not None else "")
     )

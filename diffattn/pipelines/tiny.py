@@ -462,6 +462,13 @@ def _model_index_class(folder: Path) -> str | None:
         return json.load(fh).get("_class_name")
 
 
+def _dtype_kwarg() -> str:
+    # newer diffusers renamed from_pretrained's `torch_dtype` to `dtype` and warn on the old name
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+
 def load_pipeline(
     model: str | os.PathLike = "tiny",
     dtype: torch.dtype | None = None,
@@ -484,7 +491,7 @@ def load_pipeline(
     name = os.fspath(model)
     folder = tiny_asset_dir() if name == "tiny" else Path(name).expanduser()
     if dtype is not None:
-        kwargs["torch_dtype"] = dtype
+        kwargs[_dtype_kwarg()] = dtype
     if name == "tiny" or folder.is_dir():
         if not (folder / "model_index.json").is_file():
             hint = (
