@@ -39,16 +39,21 @@ def ref_pair_mask(i, j, p, decay_factor, block, sink):
     return local
 
 
-def ref_block_mask(frames, p, decay_factor, block, sink):
-    """Shrink each frame pair onto the global block grid and OR the pairs (simple loops)."""
+def ref_block_mask(frames, p, decay_factor, block, sink, truncate=False):
+    """Shrink each frame pair onto the global block grid and OR the pairs (simple loops). ``truncate``:
+    like the official code, look only at the first ceil(p / block) blocks a frame touches."""
     n = frames * p
     m = math.ceil(n / block)
     out = torch.zeros(m, m, dtype=torch.bool)
     for i in range(frames):
         for j in range(frames):
             local = ref_pair_mask(i, j, p, decay_factor, block, sink)
-            for rb in range(i * p // block, ((i + 1) * p - 1) // block + 1):
-                for cb in range(j * p // block, ((j + 1) * p - 1) // block + 1):
+            last_r, last_c = ((i + 1) * p - 1) // block, ((j + 1) * p - 1) // block
+            if truncate:
+                last_r = min(last_r, i * p // block + math.ceil(p / block) - 1)
+                last_c = min(last_c, j * p // block + math.ceil(p / block) - 1)
+            for rb in range(i * p // block, last_r + 1):
+                for cb in range(j * p // block, last_c + 1):
                     r0, r1 = max(rb * block, i * p) - i * p, min((rb + 1) * block, (i + 1) * p) - i * p
                     c0, c1 = max(cb * block, j * p) - j * p, min((cb + 1) * block, (j + 1) * p) - j * p
                     rows_per_col = local[r0:r1, c0:c1].sum(0).tolist()
@@ -82,17 +87,28 @@ SHAPES = [
     (30, 64, 1.0, 16),
     (17, 100, 0.2, 32),
     (7, 130, 0.3, 64),
+    # P mod block > gcd(P, block): some frames straddle ceil(P / block) + 1 blocks
+    (8, 21, 0.5, 16),
+    (10, 45, 1.0, 16),
+    (12, 75, 0.3, 32),
 ]
 SHAPE_IDS = [f"F{f}-P{p}-decay{d}-b{b}" for f, p, d, b in SHAPES]
 
 
+@pytest.mark.parametrize("truncate", [False, True], ids=["full-frames", "official-truncation"])
 @pytest.mark.parametrize("sink", [False, True], ids=["nosink", "sink"])
 @pytest.mark.parametrize("frames,p,decay,block", SHAPES, ids=SHAPE_IDS)
-def test_block_mask_matches_reference(frames, p, decay, block, sink):
-    got = radial_block_mask(frames, p, decay, block, sink)
-    want = ref_block_mask(frames, p, decay, block, sink)
+def test_block_mask_matches_reference(frames, p, decay, block, sink, truncate):
+    got = radial_block_mask(frames, p, decay, block, sink, truncate)
+    want = ref_block_mask(frames, p, decay, block, sink, truncate)
     assert got.shape == want.shape
     assert torch.equal(got, want), f"{int((got != want).sum())} blocks differ"
+
+
+def test_official_truncation_only_removes_blocks():
+    full = radial_block_mask(10, 45, 1.0, 16, True)
+    cut = radial_block_mask(10, 45, 1.0, 16, True, True)
+    assert bool((cut & ~full).any()) is False and int((full & ~cut).sum()) > 0
 
 
 @pytest.mark.parametrize("sink", [False, True], ids=["nosink", "sink"])
@@ -226,6 +242,16 @@ def test_warmup_layers_and_steps_run_dense():
         out, rec = run(step, layer, num_steps)
         assert "warmup" not in rec and rec["density"] < 1.0
         assert (out - dense).abs().max() > 1e-3  # the mask really drops keys
+
+
+def test_official_truncation_reaches_the_layout():
+    grid = (10, 5, 9)  # 45 tokens per frame at pattern block 16: some frames straddle 4 blocks
+    cut = RadialConfig(pattern_block=16, block_size=16, decay_factor=1.0, official_truncation=True)
+    full = cut.replace(official_truncation=False)
+    lay_cut = RadialMethod(cut).layout(grid, torch.device("cpu"))
+    lay_full = RadialMethod(full).layout(grid, torch.device("cpu"))
+    assert torch.equal(lay_cut.to_block_mask()[0, 0], radial_block_mask(10, 45, 1.0, 16, True, True))
+    assert lay_cut.density < lay_full.density
 
 
 def test_shape_change_rebuilds_layout():

@@ -40,6 +40,9 @@ class RadialConfig(MethodConfig):
             run dense. Official: 12 for both.
         pattern_block: granularity (tokens) of the rule's window floor, temporal striding and block
             shrink. Official: 128. This changes *what* is computed, unlike ``block_size``.
+        official_truncation: reproduce the official mask bit for bit, including its loss of a frame's
+            last block when the frame straddles one more block than ``ceil(P / pattern_block)``
+            (e.g. some frames at Wan 480p). Default False: keep those blocks (a slightly denser mask).
         block_size: tile size (tokens) of the kernel; the pattern is computed exactly at any tile
             size. Speed only.
         backend: kernel backend: "auto" (Triton on CUDA, else PyTorch), "triton", "torch" or "flex".
@@ -50,6 +53,7 @@ class RadialConfig(MethodConfig):
     dense_layers: int = 1
     dense_steps: int = 12
     pattern_block: int = 128
+    official_truncation: bool = False
     block_size: int = 64
     backend: Backend = "auto"
 
@@ -96,7 +100,8 @@ class RadialMethod(VideoSparseMethod):
         cfg = self.config
         f, h, w = grid
         return radial_pattern.radial_layout(
-            f, h * w, cfg.decay_factor, cfg.pattern_block, cfg.attention_sink, cfg.block_size, device
+            f, h * w, cfg.decay_factor, cfg.pattern_block, cfg.attention_sink, cfg.block_size, device,
+            cfg.official_truncation,
         )
 
     def video_attention(self, q, k, v, ctx):

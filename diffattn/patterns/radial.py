@@ -24,8 +24,8 @@ methods handle text tokens exactly outside this planner, so the planner only cov
 
 Two deliberate differences from the official code, both places where it loses coverage by accident:
 a frame that straddles one more block than ``ceil(P/b)`` keeps its last block (the official shrink
-truncates it), and the video block that also holds text tokens follows the rule instead of being
-forced dense (text is handled exactly elsewhere).
+truncates it; ``official_truncation=True`` reproduces that, bit for bit), and the video block that also
+holds text tokens follows the rule instead of being forced dense (text is handled exactly elsewhere).
 
 Everything is computed in closed form per (frame pair, block) — no Python loop over frame pairs —
 and cached per shape.
@@ -121,14 +121,18 @@ def radial_token_mask(
     return mask
 
 
-def _frame_blocks(frames: int, p: int, b: int, nb: int, num_blocks: int):
+def _frame_blocks(frames: int, p: int, b: int, nb: int, num_blocks: int, official_truncation: bool):
     """For every frame and each of the ``nb`` global blocks it may touch: block index and the frame-local
     token range ``[lo, hi)`` of the frame inside that block (``lo >= hi`` when it touches no token)."""
     start = torch.arange(frames, dtype=torch.int64) * p
-    blk = (start // b)[:, None] + torch.arange(nb, dtype=torch.int64)[None, :]
+    slot = torch.arange(nb, dtype=torch.int64)[None, :]
+    blk = (start // b)[:, None] + slot
     lo = (blk * b - start[:, None]).clamp(0, p)
     hi = ((blk + 1) * b - start[:, None]).clamp(0, p)
     valid = (lo < hi) & (blk < num_blocks)
+    if official_truncation:
+        # The official shrink sees only the first ceil(P/b) blocks of a frame.
+        valid &= slot < cdiv(p, b)
     return blk, lo, hi, valid
 
 
@@ -151,17 +155,19 @@ def radial_block_mask(
     decay_factor: float,
     pattern_block: int = 128,
     attention_sink: bool = False,
+    official_truncation: bool = False,
 ) -> torch.Tensor:
     """Radial block mask among video tokens at the pattern-block granularity.
 
     Returns bool ``[M, M]`` on CPU, ``M = ceil(frames * tokens_per_frame / pattern_block)``. Cached per
-    argument tuple: treat the result as read-only.
+    argument tuple: treat the result as read-only. ``official_truncation`` drops a frame's last block
+    when the frame straddles ``ceil(P/b) + 1`` blocks, as the official shrink does.
     """
     window, kept = radial_frame_rule(frames, tokens_per_frame, decay_factor, pattern_block)
     p, b = tokens_per_frame, pattern_block
     m = cdiv(frames * p, b)
     nb = cdiv(p, b) + 1
-    blk, lo, hi, valid = _frame_blocks(frames, p, b, nb, m)
+    blk, lo, hi, valid = _frame_blocks(frames, p, b, nb, m, official_truncation)
     heavy_rows = b * _COL_NUM // _COL_DEN + 1
 
     fi = torch.arange(frames)
@@ -265,10 +271,11 @@ def _radial_layout_cached(
     decay_factor: float,
     pattern_block: int,
     attention_sink: bool,
+    official_truncation: bool,
     block_size: int,
     device: str,
 ) -> BlockSparseLayout:
-    mask = radial_block_mask(frames, tokens_per_frame, decay_factor, pattern_block, attention_sink)
+    mask = radial_block_mask(frames, tokens_per_frame, decay_factor, pattern_block, attention_sink, official_truncation)
     layout = block_mask_to_layout(mask, pattern_block, block_size, frames * tokens_per_frame)
     return layout.to(device) if device != "cpu" else layout
 
@@ -281,6 +288,7 @@ def radial_layout(
     attention_sink: bool = False,
     block_size: int = 64,
     device: torch.device | str = "cpu",
+    official_truncation: bool = False,
 ) -> BlockSparseLayout:
     """Kernel layout ``[1, 1, Mq, Kmax]`` of the radial mask among ``frames * tokens_per_frame`` video
     tokens, with tiles of ``block_size``. Cached per argument tuple (and device)."""
@@ -290,6 +298,7 @@ def radial_layout(
         float(decay_factor),
         int(pattern_block),
         bool(attention_sink),
+        bool(official_truncation),
         int(block_size),
         str(torch.device(device)),
     )
@@ -307,12 +316,15 @@ def _main(argv: list[str] | None = None) -> None:
     ap.add_argument("--decay-factor", type=float, default=0.2)
     ap.add_argument("--pattern-block", type=int, default=128)
     ap.add_argument("--sink", action=argparse.BooleanOptionalAction, default=True, help="frame-0 attention sink (Wan)")
+    ap.add_argument("--official-truncation", action="store_true", help="reproduce the official shrink exactly")
     ap.add_argument("--token-panel", action="store_true", help="also draw the token mask (small shapes only)")
     ap.add_argument("--out", required=True, help="image file to write, e.g. mask.png")
     a = ap.parse_args(argv)
     from .plot import save_masks
 
-    mask = radial_block_mask(a.frames, a.tokens_per_frame, a.decay_factor, a.pattern_block, a.sink)
+    mask = radial_block_mask(
+        a.frames, a.tokens_per_frame, a.decay_factor, a.pattern_block, a.sink, a.official_truncation
+    )
     panels = [(f"radial block mask (block {a.pattern_block})", mask)]
     if a.token_panel:
         panels.append(
