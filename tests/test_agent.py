@@ -311,3 +311,25 @@ def test_config_validation_and_json():
     cfg = AgentConfig(agent_source="pool", num_agents=64, late="dense")
     assert AgentConfig.from_json(cfg.to_json()) == cfg
     assert diffattn.make_config("agent", shortcut=0.0).shortcut == 0.0
+
+
+def test_sdxl_style_unet_without_attention_at_the_top_level():
+    """SDXL's first level has no attention: the highest-resolution attention level is the one that runs agents."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+        attention_head_dim=8, norm_num_groups=8,
+    ).eval()
+    kw = T.inputs("unet", (1, 16, 16))
+    diffattn.apply(unet, "agent", min_tokens=0)
+    try:
+        out = T.run(unet, kw)
+        phases = {(r["grid"], r["phase"]) for r in diffattn.stats(unet).rows}
+    finally:
+        diffattn.remove(unet)
+    assert phases == {((1, 8, 8), "agent"), ((1, 4, 4), "dense")}
+    assert torch.isfinite(out).all()
