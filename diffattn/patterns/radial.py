@@ -236,10 +236,7 @@ def block_mask_to_layout(
         )
     mk = cdiv(seq_len, block_size)
     if block_size <= pattern_block:
-        r = pattern_block // block_size
-        fine = mask.repeat_interleave(r, 0).repeat_interleave(r, 1)[:mk, :mk]
-        fine = fine[None, None].contiguous()
-        return BlockSparseLayout.from_block_mask(fine, block_size, block_size, seq_len, seq_len)
+        return _split_layout(mask, pattern_block // block_size, block_size, seq_len)
     r = block_size // pattern_block
     padded = mask.new_zeros(mk * r, mk * r)
     padded[:mp, :mp] = mask
@@ -262,6 +259,36 @@ def block_mask_to_layout(
     ids = torch.gather(pid[None, None], -1, layout.kv_indices.clamp_min(0).long())
     ids = torch.where(layout.kv_indices >= 0, ids, torch.full_like(ids, -1))
     return replace(layout, kv_mask_ids=ids.contiguous(), block_masks=tok.contiguous())
+
+
+def _split_layout(mask: torch.Tensor, r: int, block_size: int, seq_len: int) -> BlockSparseLayout:
+    """Layout at ``block_size`` from a mask of blocks ``r`` times larger: list the coarse blocks once,
+    then split every listed block into ``r x r`` tiles (cheaper than sorting the ``r**2`` larger mask)."""
+    coarse = BlockSparseLayout.from_block_mask(mask[None, None].contiguous(), block_size * r, block_size * r)
+    mq = mk = cdiv(seq_len, block_size)
+    idx, cnt = coarse.kv_indices[0, 0].long(), coarse.kv_counts[0, 0].long()  # [Mp, K], [Mp]
+    mp, kmax = idx.shape
+    sub = torch.arange(r)
+    # Row p of the coarse layout becomes rows p*r .. p*r+r-1, each listing r*c + t for its blocks c.
+    fine = (idx[:, :, None] * r + sub).reshape(mp, kmax * r)
+    used = (torch.arange(kmax)[None, :] < cnt[:, None]).repeat_interleave(r, 1)
+    # Tiles past the sequence end (the last coarse block may be partly outside) are dropped; they are
+    # the largest indices of a row, so the listed entries stay a sorted prefix.
+    used &= fine < mk
+    count = used.sum(-1)
+    fine = torch.where(used, fine, torch.full_like(fine, -1))
+    rows = fine.repeat_interleave(r, 0)[:mq]
+    counts = count.repeat_interleave(r, 0)[:mq]
+    width = max(int(counts.max()) if counts.numel() else 0, 1)
+    return BlockSparseLayout(
+        rows[:, :width].to(torch.int32)[None, None].contiguous(),
+        counts.to(torch.int32)[None, None].contiguous(),
+        block_size,
+        block_size,
+        mk,
+        seq_len,
+        seq_len,
+    )
 
 
 @functools.lru_cache(maxsize=32)
