@@ -235,11 +235,12 @@ def bipartite_matching(
     b, n, _ = metric.shape
     if n != h * w:
         raise ValueError(f"metric has {n} tokens but grid {tuple(grid)} holds {h * w}")
-    device = metric.device
-    dst = destination_indices((h, w), tuple(stride), generator, device)
-    is_dst = torch.zeros(n, dtype=torch.bool, device=device)
+    # The split depends only on the grid and the draw: build it on the CPU (no device sync), then move.
+    dst = destination_indices((h, w), tuple(stride), generator)
+    is_dst = torch.zeros(n, dtype=torch.bool)
     is_dst[dst] = True
-    src = (~is_dst).nonzero().flatten()
+    src = (~is_dst).nonzero().flatten().to(metric.device)
+    dst = dst.to(metric.device)
     unit = F.normalize(metric, dim=-1, eps=1e-6)
     scores = unit[:, src] @ unit[:, dst].transpose(-1, -2)
     best, target = scores.max(dim=-1)
