@@ -43,7 +43,7 @@ def _configs() -> list[triton.Config]:
     ]
 
 
-@triton.autotune(configs=_configs(), key=["BLOCK_M", "SPLIT_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "HAS_PARTIAL"])
+@triton.autotune(configs=_configs(), key=["D", "DV", "BLOCK_M", "SPLIT_M", "BLOCK_N", "HAS_PARTIAL"])
 @triton.jit
 def _block_sparse_fwd_kernel(
     Q, K, V, O, LSE,
@@ -58,7 +58,10 @@ def _block_sparse_fwd_kernel(
     stride_cb, stride_ch, stride_cm,
     stride_mb, stride_mh, stride_mm, stride_mk,
     stride_pp, stride_pi, stride_pj,
-    H, N_Q, N_K, D, DV,
+    H, N_Q, N_K,
+    # Head dims are compile-time so the D-masks keep 16-byte vector loads (and async copies) alive.
+    D: tl.constexpr,
+    DV: tl.constexpr,
     BLOCK_M: tl.constexpr,
     SPLIT_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -217,7 +220,9 @@ def _launch(
         scale * _LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *lse.stride(),
         *idx.stride(), *cnt.stride(), *mid.stride(), *bmask.stride(),
-        h, nq, nk, d, dv,
+        h, nq, nk,
+        D=d,
+        DV=dv,
         BLOCK_M=block_m,
         SPLIT_M=bq // block_m,
         BLOCK_N=bk,

@@ -33,11 +33,11 @@ def _configs() -> list[triton.Config]:
     if _interpreting():
         return [triton.Config({}, num_warps=4, num_stages=1)]
     return [
-        triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (4, 3), (8, 2), (8, 3))
+        triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (4, 3), (8, 2), (8, 3), (8, 1))
     ]
 
 
-@triton.autotune(configs=_configs(), key=["BLOCK_M", "BLOCK_N", "BLOCK_D"])
+@triton.autotune(configs=_configs(), key=["D", "BLOCK_M", "BLOCK_N"])
 @triton.jit
 def _block_mass_kernel(
     Q, K, LSE, OUT,
@@ -46,7 +46,8 @@ def _block_mass_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_lb, stride_lh, stride_ln,
     stride_ob, stride_oh, stride_om, stride_ok,
-    H, N_Q, N_K, D, M_K,
+    H, N_Q, N_K, M_K,
+    D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -102,7 +103,8 @@ def _launch(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, block_q: int, b
         q, k, lse, out,
         scale * _LOG2E,
         *q.stride(), *k.stride(), *lse.stride(), *out.stride(),
-        h, nq, nk, d, mk,
+        h, nq, nk, mk,
+        D=d,
         BLOCK_M=block_q,
         BLOCK_N=block_k,
         BLOCK_D=block_d,
