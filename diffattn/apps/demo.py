@@ -711,8 +711,8 @@ def build_app(
         )
         with gr.Row():
             with gr.Column(scale=1, min_width=320):
-                prompt = gr.Textbox(label="prompt", value=d["prompt"], lines=2, max_length=1000)
-                method = gr.Dropdown(methods, value=default_method, label="method")
+                prompt = gr.Textbox(label="prompt", value=d["prompt"], lines=2, max_length=1000, elem_id="prompt")
+                method = gr.Dropdown(methods, value=default_method, label="method", elem_id="method")
                 for m in methods:
                     specs, hidden = method_fields(m)
                     with gr.Accordion(f"{m} settings", open=False, visible=(m == default_method)) as group:
@@ -721,14 +721,15 @@ def build_app(
                         if hidden:
                             gr.Markdown(f"Not settable here (defaults kept): {', '.join(hidden)}")
                     groups[m] = group
-                seed = gr.Number(label="seed", value=d["seed"], precision=0, minimum=0)
-                frames = gr.Slider(1, lim.max_frames, value=d["frames"], step=lim.frame_step, label="frames")
+                seed = gr.Number(label="seed", value=d["seed"], precision=0, minimum=0, elem_id="seed")
+                frames = gr.Slider(1, lim.max_frames, value=d["frames"], step=lim.frame_step, label="frames",
+                                   elem_id="frames")
                 with gr.Row():
                     height = gr.Slider(lim.min_size, lim.max_size, value=d["height"], step=lim.size_multiple,
-                                       label="height")
+                                       label="height", elem_id="height")
                     width = gr.Slider(lim.min_size, lim.max_size, value=d["width"], step=lim.size_multiple,
-                                      label="width")
-                steps = gr.Slider(1, lim.max_steps, value=d["steps"], step=1, label="steps")
+                                      label="width", elem_id="width")
+                steps = gr.Slider(1, lim.max_steps, value=d["steps"], step=1, label="steps", elem_id="steps")
                 with gr.Row():
                     run_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
