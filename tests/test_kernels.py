@@ -22,7 +22,6 @@ from diffattn.kernels import (
     merge_attention,
 )
 from diffattn.kernels.api import can_run
-from diffattn.kernels.triton_attention import triton_block_sparse_attention
 from tests.tolerances import assert_close
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -223,6 +222,8 @@ def test_non_contiguous_inputs(backend):
 )
 def test_triton_query_block_split(bq, bk, block_m):
     # A layout query block served by several programs: partial-block rows must line up.
+    from diffattn.kernels.triton_attention import triton_block_sparse_attention
+
     b, h, nq, nk, d = 1, 2, 300, 100, 40
     q, k, v = _qkv(b, h, nq, nk, d, torch.float32, _device("triton"))
     i = torch.arange(nq)[:, None] // 3
