@@ -120,6 +120,22 @@ def _run_generate(args, parser) -> int:
     return run(opts)
 
 
+# ----------------------------------------------------------------------------------------------- demo
+def _add_demo(sub) -> None:
+    from .apps.demo import add_arguments
+
+    p = sub.add_parser("demo", help="Gradio demo: dense vs sparse side by side (on 127.0.0.1)",
+                       description="Serve the Gradio demo on 127.0.0.1 (needs: pip install 'diffattn[demo]').")
+    add_arguments(p)
+    p.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args, parser) -> int:
+    from .apps.demo import run_from_args
+
+    return run_from_args(args)
+
+
 # ----------------------------------------------------------------------------------------------- main
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(
@@ -128,6 +144,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     sub = parser.add_subparsers(dest="command", required=True)
     _add_methods(sub)
     _add_generate(sub)
+    _add_demo(sub)
     return parser, sub.choices
 
 

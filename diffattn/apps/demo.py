@@ -28,6 +28,7 @@ folder that is removed on shutdown; a failed or cancelled run removes its own fi
 from __future__ import annotations
 
 import asyncio
+import atexit
 import dataclasses
 import inspect
 import logging
@@ -35,6 +36,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -526,6 +528,8 @@ class DemoRunner:
         self.min_tokens = (0 if self.is_tiny else DEFAULT_MIN_TOKENS) if min_tokens is None else min_tokens
         self.keep_runs = keep_runs
         self.root = Path(tempfile.mkdtemp(prefix="diffattn-demo-"))
+        # a process that ends without close() (an exception, Ctrl-C) still removes the folder
+        atexit.register(shutil.rmtree, self.root, ignore_errors=True)
         self._lock = threading.Lock()
         self._runs: OrderedDict[str, RunResult] = OrderedDict()
         cfg = getattr(getattr(pipe, "transformer", None), "config", None)
@@ -690,7 +694,10 @@ def build_app(
         height, width, steps, then every method's fields; outputs: dense video, sparse video, summary,
         metrics JSON, per-layer table, mask controls, mask image).
     """
-    import gradio as gr
+    try:
+        import gradio as gr
+    except ImportError as e:
+        raise ImportError("the demo needs Gradio: pip install 'diffattn[demo]'") from e
 
     runner = DemoRunner(pipe, model_name, limits=limits, min_tokens=min_tokens)
     lim = runner.limits
@@ -892,6 +899,9 @@ def launch(
     lim = limits_for(pipe, max_tokens=max_tokens)
     app = build_app(pipe, os.fspath(model), concurrency=concurrency, max_queue=max_queue, limits=lim)
     runner: DemoRunner = app.diffattn_runner  # type: ignore[attr-defined]
+    if block and threading.current_thread() is threading.main_thread():
+        # `kill` (SIGTERM) stops the server like Ctrl-C does, so the cleanup below runs
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         import gradio as gr
 
@@ -909,6 +919,10 @@ def launch(
     if block:
         runner.close()
     return app
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _free_port() -> int:
@@ -940,8 +954,11 @@ def run_from_args(args) -> int:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise SystemExit(f"--max-tokens must be positive, got {args.max_tokens}")
-    launch(args.model, port=args.port, concurrency=args.concurrency, max_queue=args.max_queue,
-           device=args.device, max_tokens=args.max_tokens, inbrowser=args.inbrowser)
+    try:
+        launch(args.model, port=args.port, concurrency=args.concurrency, max_queue=args.max_queue,
+               device=args.device, max_tokens=args.max_tokens, inbrowser=args.inbrowser)
+    except KeyboardInterrupt:  # stopped while starting; launch has already cleaned up
+        return 130
     return 0
 
 
