@@ -12,10 +12,20 @@ Typical use::
     diffattn.remove(pipe)                   # the original processors, exactly
 """
 
-from . import methods as _methods
+from . import methods
 from .methods import AttnContext, MethodConfig, make_config
-from .methods import method_names as methods
-from .processors import ModelSpec, SparseAttnProcessor, Stats, apply, remove, stats, supported_models
+from .processors import (
+    ModelSpec,
+    SparseAttnProcessor,
+    Stats,
+    apply,
+    method_of,
+    remove,
+    stats,
+    supported_models,
+)
+
+_methods = methods
 
 # Every method's config class (DenseConfig, RadialConfig, GNAConfig, AdaSpaConfig, PAROConfig, ...).
 _configs = {n: getattr(_methods, n) for n in _methods.__all__ if n.endswith("Config") and n != "MethodConfig"}
@@ -31,6 +41,7 @@ __all__ = [
     "Stats",
     "apply",
     "make_config",
+    "method_of",
     "methods",
     "remove",
     "stats",

@@ -307,3 +307,18 @@ def test_capture_layouts_records_the_computed_block_mask(models):
     n_blocks = -(-(3 * 4 * 6) // 16)
     assert all(r["block_mask"].shape == (1, 1, n_blocks, n_blocks) and bool(r["block_mask"].all()) for r in rows)
     assert "block_mask" not in text and all("block_mask" not in r for r in plain)
+
+
+def test_methods_call_and_subpackage_share_a_name(models):
+    import importlib
+
+    assert diffattn.methods() == diffattn.methods.method_names()
+    assert "dense" in diffattn.methods()
+    assert importlib.import_module("diffattn.methods.sparse").DenseMethod is diffattn.methods.DenseMethod
+    model = models["ltx"]
+    with pytest.raises(ValueError, match="apply"):
+        diffattn.method_of(model)
+    diffattn.apply(model, "dense", block_size=32)
+    method = diffattn.method_of(model)
+    assert method.name == "dense" and method.config.block_size == 32
+    diffattn.remove(model)

@@ -1,5 +1,8 @@
 """Attention methods: configs, runtime state and the registry (no diffusers imports here)."""
 
+import sys
+import types
+
 from .base import (
     AttentionMethod,
     AttnContext,
@@ -41,3 +44,14 @@ __all__ = [
     "method_names",
     "register_method",
 ]
+
+
+class _MethodsModule(types.ModuleType):
+    """``diffattn.methods()`` lists the registered names while ``diffattn.methods.<module>`` stays the
+    subpackage: the public call and the import path share one name."""
+
+    def __call__(self) -> list[str]:
+        return method_names()
+
+
+sys.modules[__name__].__class__ = _MethodsModule

@@ -1,6 +1,6 @@
 """Diffusers side: the wrapper processor, interception, per-model metadata, step/branch tracking."""
 
-from .api import apply, denoisers, remove, stats
+from .api import apply, denoisers, method_of, remove, stats
 from .models import MODEL_SPECS, ModelSpec, spec_for, supported_models
 from .sparse import SparseAttnProcessor
 from .state import Stats
@@ -12,6 +12,7 @@ __all__ = [
     "Stats",
     "apply",
     "denoisers",
+    "method_of",
     "remove",
     "spec_for",
     "stats",

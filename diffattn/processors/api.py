@@ -12,7 +12,7 @@ from .models import ModelSpec, spec_for, supported_models
 from .sparse import DEFAULT_MIN_TOKENS, SparseAttnProcessor, adopt, release, state_of
 from .state import Stats
 
-__all__ = ["apply", "remove", "stats", "denoisers"]
+__all__ = ["apply", "remove", "stats", "denoisers", "method_of"]
 
 _DENOISER_ATTRS = ("transformer", "transformer_2", "unet")
 
@@ -176,3 +176,21 @@ def stats(target: Any) -> Stats:
         for row in s.stats.rows:
             merged.add({"component": comp, **row})
     return merged
+
+
+def method_of(target: Any, component: str | None = None) -> Any:
+    """The method object ``apply`` installed (e.g. to call ``save_calibration`` on PARO).
+
+    For pipelines with two denoisers (Wan 2.2) name the ``component`` ("transformer", "transformer_2").
+    """
+    found = [(comp, state_of(model)) for comp, model in denoisers(target)]
+    found = [(c, s) for c, s in found if s is not None and s.methods]
+    if component is not None:
+        found = [(c, s) for c, s in found if c == component]
+    if not found:
+        raise ValueError("no diffattn method is installed on this object; call diffattn.apply first")
+    if len(found) > 1:
+        raise ValueError(
+            f"several denoisers carry a method ({[c for c, _ in found]}); pass component= to choose one"
+        )
+    return found[0][1].methods[-1]
