@@ -378,7 +378,7 @@ class RunResult:
     Attributes:
         dir: folder holding the two videos (removed by :meth:`cleanup`).
         dense_video, sparse_video: mp4 paths.
-        dense_frames, sparse_frames: float ``[F, H, W, 3]`` in [0, 1].
+        dense_frames, sparse_frames: float ``[F, H, W, 3]`` in [0, 1] (the app drops them once shown).
         dense_s, sparse_s: wall time of each generation in seconds.
         psnr, ssim: sparse against dense.
         summary: :meth:`diffattn.Stats.summary` of the sparse run.
@@ -391,8 +391,8 @@ class RunResult:
     dir: Path
     dense_video: Path
     sparse_video: Path
-    dense_frames: np.ndarray
-    sparse_frames: np.ndarray
+    dense_frames: np.ndarray | None
+    sparse_frames: np.ndarray | None
     dense_s: float
     sparse_s: float
     psnr: float
@@ -793,6 +793,8 @@ def build_app(
             except ValueError as e:
                 raise gr.Error(str(e), print_exception=False) from None
             runner.discard(previous)
+            # a session keeps its result for the mask views; the decoded frames are not needed any more
+            result.dense_frames = result.sparse_frames = None
             return _outputs(gr, runner, result)
 
         # Named API parameters (``method_field``) instead of positional ones, for gradio_client users.
