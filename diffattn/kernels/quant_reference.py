@@ -45,7 +45,14 @@ import torch
 
 from .layout import BlockSparseLayout, cdiv
 
-__all__ = ["quantized_block_sparse_attention", "quantization_error_bound", "quantize_blockwise"]
+__all__ = [
+    "quantized_block_sparse_attention",
+    "quantization_error_bound",
+    "quantize_blockwise",
+    "online_quantized_attention",
+    "online_quantization_error_bound",
+    "quantize_qk_for_kernel",
+]
 
 _CHUNK_ELEMENTS = 1 << 24
 _BITS = (None, 4, 8)
@@ -256,4 +263,180 @@ def quantization_error_bound(
             dp = (half * kept.view(b, h, rq, bq, mk, bk)).sum(dim=(4, 5)).reshape(b, h, rq * bq)[:, :, :r]
             term = term + dp / torch.where(l > 0, l, torch.ones_like(l))
         o_bound[:, :, r0:r1] = vmax * term
+    return o_bound, eps
+
+
+_LOG2E = 1.4426950408889634
+
+
+def quantize_qk_for_kernel(
+    q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, bits: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The integer Q·Kᵀ operands shared by the Triton kernel and :func:`online_quantized_attention`.
+
+    Keys are smoothed (``k - mean_j k_j``) and both sides quantized per tile as in
+    :func:`quantize_blockwise`. Returns ``q_int`` int8 ``[B, H, Nq, D]``, ``k_int`` int8 ``[B, H, Nk, D]``,
+    the per-row factor ``row_f = s_q * scale * log2(e)`` fp32 ``[B, H, Nq]``, the per-key factor
+    ``s_k`` fp32 ``[B, H, Nk]`` (so a base-2 score is ``(q_int . k_int) * row_f * s_k``, in that order) and
+    the natural-log LSE shift ``scale * q . mean(k)`` fp32 ``[B, H, Nq]`` that the smoothing removed.
+    """
+    _check_bits(bits, "qk_bits")
+    if bits is None:
+        raise ValueError("qk_bits must be 8 or 4 for integer Q·Kᵀ, got None")
+    nq, nk = q.shape[2], k.shape[2]
+    kf = k.float()
+    kmean = kf.mean(dim=2, keepdim=True)
+    qi, sq = quantize_blockwise(q, block_q, bits)
+    ki, sk = quantize_blockwise(kf - kmean, block_k, bits)
+    row_f = sq.repeat_interleave(block_q, dim=2)[:, :, :nq] * (scale * _LOG2E)
+    sk_rows = sk.repeat_interleave(block_k, dim=2)[:, :, :nk]
+    shift = (q.float() * kmean).sum(-1) * scale
+    return qi.to(torch.int8), ki.to(torch.int8), row_f.contiguous(), sk_rows.contiguous(), shift
+
+
+def online_quantized_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockSparseLayout,
+    scale: float | None = None,
+    qk_bits: int = 8,
+    pv_bits: int | None = 8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantized block-sparse attention with P quantized *online*, as a one-pass kernel does it.
+
+    Q·Kᵀ is quantized exactly as in :func:`quantized_block_sparse_attention` (smoothed keys, per-tile
+    symmetric scales; operands from :func:`quantize_qk_for_kernel`). P differs: a one-pass kernel only
+    knows the running row max, so for each query block the listed key blocks are visited in layout
+    order ``t = 0, 1, ...`` and
+
+        m_t   = max(m_{t-1}, rowmax(s_t))                     (base-2 scores s, running max m)
+        p_t   = exp2(s_t - m_t)                               in [0, 1]
+        l_t   = l_{t-1} * exp2(m_{t-1} - m_t) + rowsum(p_t)    (from P before rounding)
+        acc_t = acc_{t-1} * exp2(m_{t-1} - m_t) + (round(p_t * P) @ v) / P,   P = 2**pv_bits - 1
+
+    i.e. P is rounded on the fixed unsigned grid ``1/P`` of ``[0, 1]`` (a per-tile scale of ``1/255``
+    for INT8, ``1/15`` for INT4, no reduction needed), and ``o = acc / l``. ``pv_bits=None`` keeps P in
+    fp32. The LSE is ``ln2 * (m + log2 l) + scale * q.mean(k)``, independent of P's rounding.
+
+    Error bound vs fp32 attention (:func:`online_quantization_error_bound`): with ``eps_i`` the
+    score bound of :func:`quantization_error_bound`, ``n_i`` the row's kept keys, ``l_i`` its final row
+    sum (relative to the final max, so ``l_i >= 1``) and ``vmax`` the largest ``|v|`` it sees,
+
+        max_d |o_id - o_id^fp32| <= vmax * ((exp(2 eps_i) - 1) + n_i / (2 P l_i)).
+
+    Proof of the P term: entry ``j`` of tile ``t`` enters the final sum with weight
+    ``exp2(m_t - m) <= 1`` times its rounding error ``<= 1/(2P)``, so the unnormalised output moves by at
+    most ``vmax * n_i / (2P)`` and dividing by the exact ``l_i`` gives the term; the score term is the
+    exact-softmax one of :func:`quantization_error_bound`.
+
+    Args/returns as :func:`quantized_block_sparse_attention` (``qk_bits`` 8 or 4). Loops over the
+    layout's ``Kmax`` slots, vectorised over batch, heads and query blocks.
+    """
+    _check_bits(pv_bits, "pv_bits")
+    if not isinstance(layout, BlockSparseLayout):
+        raise TypeError(f"layout must be a BlockSparseLayout, got {type(layout).__name__}")
+    b, h, nq, d = q.shape
+    nk, dv = k.shape[2], v.shape[-1]
+    layout.check_inputs(b, h, nq, nk)
+    if layout.kv_indices.device != q.device:
+        layout = layout.to(q.device)
+    scale = d**-0.5 if scale is None else float(scale)
+    bq, bk = layout.block_q, layout.block_k
+    mq, mk, kmax = layout.num_q_blocks, layout.num_kv_blocks, layout.max_kv
+    qi, ki, row_f, sk, shift = quantize_qk_for_kernel(q, k, bq, bk, qk_bits, scale)
+    dev = q.device
+    # Pad to whole blocks so tiles are plain views; padded rows/keys are masked below.
+    qt = torch.zeros(b, h, mq * bq, d, device=dev)
+    qt[:, :, :nq] = qi.float()
+    qt = qt.view(b, h, mq, bq, d)
+    rf = torch.zeros(b, h, mq * bq, device=dev)
+    rf[:, :, :nq] = row_f
+    rf = rf.view(b, h, mq, bq)
+    kt = torch.zeros(b, h, mk * bk, d, device=dev)
+    kt[:, :, :nk] = ki.float()
+    kt = kt.view(b, h, mk, bk, d)
+    skt = torch.zeros(b, h, mk * bk, device=dev)
+    skt[:, :, :nk] = sk
+    skt = skt.view(b, h, mk, bk)
+    vt = torch.zeros(b, h, mk * bk, dv, device=dev)
+    vt[:, :, :nk] = v.float()
+    vt = vt.view(b, h, mk, bk, dv)
+    col_ok = (torch.arange(mk * bk, device=dev) < nk).view(mk, bk)
+
+    idx = layout.kv_indices.expand(b, h, mq, kmax).long()
+    cnt = layout.kv_counts.expand(b, h, mq)
+    mids = None if layout.kv_mask_ids is None else layout.kv_mask_ids.expand(b, h, mq, kmax).long()
+    pmax = None if pv_bits is None else _pmax(pv_bits)
+
+    m = torch.full((b, h, mq, bq), float("-inf"), device=dev)
+    l = torch.zeros(b, h, mq, bq, device=dev)
+    acc = torch.zeros(b, h, mq, bq, dv, device=dev)
+    bi = torch.arange(b, device=dev)[:, None, None]
+    hi = torch.arange(h, device=dev)[None, :, None]
+    for t in range(kmax):
+        live = (t < cnt)[..., None, None]  # [B, H, Mq, 1, 1]
+        kb = idx[..., t].clamp(0, mk - 1)
+        kk = kt[bi, hi, kb]  # [B, H, Mq, bk, D]
+        s = torch.matmul(qt, kk.transpose(-1, -2))  # exact integer products in fp32
+        s = (s * rf[..., None]) * skt[bi, hi, kb][..., None, :]
+        keep = live & col_ok[kb][..., None, :]
+        if mids is not None:
+            mid = mids[..., t]
+            part = layout.block_masks[mid.clamp(min=0)]  # [B, H, Mq, bq, bk]
+            keep = keep & torch.where((mid >= 0)[..., None, None], part, torch.ones_like(part))
+        s = s.masked_fill(~keep, float("-inf"))
+        m_new = torch.maximum(m, s.amax(-1))
+        m_shift = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)
+        p = torch.exp2(s - m_shift[..., None])
+        alpha = torch.exp2(m - m_shift)
+        l = l * alpha + p.sum(-1)
+        if pmax is not None:
+            p = torch.round(p * pmax)
+        pv = torch.matmul(p, vt[bi, hi, kb])
+        if pmax is not None:
+            pv = pv * (1.0 / pmax)
+        acc = acc * alpha[..., None] + pv
+        m = m_new
+    has = l > 0
+    l_safe = torch.where(has, l, torch.ones_like(l))
+    o = (acc / l_safe[..., None]).view(b, h, mq * bq, dv)[:, :, :nq]
+    lse = torch.where(has, (m + torch.log2(l_safe)) * 0.6931471805599453, torch.full_like(m, float("-inf")))
+    lse = lse.view(b, h, mq * bq)[:, :, :nq] + shift
+    return o.to(q.dtype), lse
+
+
+def online_quantization_error_bound(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockSparseLayout,
+    scale: float | None = None,
+    qk_bits: int = 8,
+    pv_bits: int | None = 8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Worst-case ``(o_bound [B, H, Nq], lse_bound [B, H, Nq])`` of :func:`online_quantized_attention`
+    against fp32 attention (derivation in its docstring); ``l_i`` is taken from the quantized scores."""
+    _check_bits(pv_bits, "pv_bits")
+    o_bound, eps = quantization_error_bound(q, k, v, layout, scale, qk_bits, None)
+    if pv_bits is None:
+        return o_bound, eps
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    scale = d**-0.5 if scale is None else float(scale)
+    qv, kv, _, _, _ = _prepare(q, k, layout, qk_bits)
+    vabs = v.float().abs().amax(-1)
+    bq, mq = layout.block_q, layout.num_q_blocks
+    step = _chunks(layout, b, h, nk)
+    for m0 in range(0, mq, step):
+        m1 = min(mq, m0 + step)
+        r0, r1 = m0 * bq, min(nq, m1 * bq)
+        keep = _row_block_mask(layout, m0, m1).to_token_mask(r1 - r0, nk).expand(b, h, -1, -1)
+        vmax = torch.where(keep, vabs[:, :, None, :], torch.zeros_like(vabs[:, :, None, :])).amax(-1)
+        s = (torch.matmul(qv[:, :, r0:r1], kv.transpose(-1, -2)) * scale).masked_fill(~keep, float("-inf"))
+        rowmax = s.amax(-1)
+        safe = torch.where(torch.isfinite(rowmax), rowmax, torch.zeros_like(rowmax))
+        l = torch.exp(s - safe[..., None]).masked_fill(~keep, 0.0).sum(-1)
+        n_kept = keep.sum(-1).float()
+        o_bound[:, :, r0:r1] += vmax * n_kept / (2 * _pmax(pv_bits) * torch.where(l > 0, l, torch.ones_like(l)))
     return o_bound, eps

@@ -1,0 +1,254 @@
+"""Block-sparse flash attention with integer Q·Kᵀ and online-quantized P, in Triton.
+
+The scheme and its error bound are those of
+:func:`diffattn.kernels.quant_reference.online_quantized_attention`, which this kernel reproduces:
+a host pre-pass smooths the keys and quantizes q per query block and k per key block to int8
+(:func:`~diffattn.kernels.quant_reference.quantize_qk_for_kernel`); the kernel multiplies the int8 tiles
+with int32 accumulation, dequantizes with the per-row and per-key scale product (``log2(e)`` and the
+softmax scale folded in), and runs the online softmax in base 2. P = ``exp2(s - m_running)`` lies in
+``[0, 1]``, so it is rounded on the fixed unsigned grid ``1/(2**pv_bits - 1)``; the integer-valued P
+(exact in fp16) meets V in V's precision and the product is rescaled once per tile.
+
+File order: kernel → launcher → public function.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import BlockSparseLayout
+from .quant_reference import quantize_qk_for_kernel
+
+__all__ = ["triton_quantized_block_sparse_attention"]
+
+_MAX_TILE = 128
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _configs() -> list[triton.Config]:
+    if _interpreting():
+        # The CPU interpreter cannot benchmark several configs.
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (4, 3), (8, 2), (8, 3), (4, 1))
+    ]
+
+
+@triton.autotune(configs=_configs(), key=["D", "DV", "BLOCK_M", "BLOCK_N", "HAS_PARTIAL", "P_LEVELS"])
+@triton.jit
+def _quant_block_sparse_fwd_kernel(
+    QI, KI, ROWF, KSC, V, O, LSE,
+    KV_IDX, KV_CNT, KV_MID, BMASK,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_rb, stride_rh, stride_rn,
+    stride_sb, stride_sh, stride_sn,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_lb, stride_lh, stride_ln,
+    stride_ib, stride_ih, stride_im, stride_ik,
+    stride_cb, stride_ch, stride_cm,
+    stride_mb, stride_mh, stride_mm, stride_mk,
+    stride_pp, stride_pi, stride_pj,
+    H, N_Q, N_K,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    HAS_PARTIAL: tl.constexpr,
+    P_LEVELS: tl.constexpr,  # 2**pv_bits - 1, or 0 for unquantized P
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+
+    offs_i = tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + offs_i
+    offs_j = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < N_Q
+    d_ok = offs_d < D
+    dv_ok = offs_dv < DV
+
+    qi = tl.load(
+        QI + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0,
+    )
+    row_f = tl.load(ROWF + b * stride_rb + h * stride_rh + offs_m * stride_rn, mask=row_ok, other=0.0)
+    k_base = KI + b * stride_kb + h * stride_kh
+    ks_base = KSC + b * stride_sb + h * stride_sh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    count = tl.load(KV_CNT + b * stride_cb + h * stride_ch + pid_m * stride_cm)
+    idx_base = KV_IDX + b * stride_ib + h * stride_ih + pid_m * stride_im
+    mid_base = KV_MID + b * stride_mb + h * stride_mh + pid_m * stride_mm
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    for t in range(0, count):
+        kb = tl.load(idx_base + t * stride_ik)
+        offs_n = kb * BLOCK_N + offs_j
+        col_ok = offs_n < N_K
+        ki = tl.load(
+            k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+            mask=col_ok[:, None] & d_ok[None, :],
+            other=0,
+        )
+        k_sc = tl.load(ks_base + offs_n * stride_sn, mask=col_ok, other=0.0)
+        s_int = tl.dot(qi, tl.trans(ki), out_dtype=tl.int32)
+        # Same multiplication order as the reference: the integer product is exact, so s matches bitwise.
+        s = (s_int.to(tl.float32) * row_f[:, None]) * k_sc[None, :]
+        if (kb + 1) * BLOCK_N > N_K:
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+        if HAS_PARTIAL:
+            mid = tl.load(mid_base + t * stride_mk)
+            if mid >= 0:
+                keep = tl.load(
+                    BMASK + mid.to(tl.int64) * stride_pp + offs_i[:, None] * stride_pi + offs_j[None, :] * stride_pj
+                )
+                s = tl.where(keep != 0, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows with every score masked so far keep m = -inf; shift by 0 so exp2 gives 0, not NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+
+        vb = tl.load(
+            v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+            mask=col_ok[:, None] & dv_ok[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            vb = vb.to(tl.float32)
+        if P_LEVELS > 0:
+            # Integer levels 0..P_LEVELS are exact in fp16/bf16, so the dot sees P's rounding only.
+            x = p * P_LEVELS
+            p_lvl = tl.floor(x + 0.5)
+            # Ties to even, as torch.round does (p = 0.5 gives 7.5 levels at INT4).
+            tie_odd = ((p_lvl - x) == 0.5) & ((p_lvl - 2.0 * tl.floor(p_lvl * 0.5)) == 1.0)
+            p_lvl = tl.where(tie_odd, p_lvl - 1.0, p_lvl)
+            acc += tl.dot(p_lvl.to(vb.dtype), vb, input_precision=DOT_PRECISION) * (1.0 / P_LEVELS)
+        else:
+            acc = tl.dot(p.to(vb.dtype), vb, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    has = l_i > 0.0
+    l_safe = tl.where(has, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
+    tl.store(LSE + b * stride_lb + h * stride_lh + offs_m * stride_ln, lse, mask=row_ok)
+
+
+def _launch(q, k, v, layout: BlockSparseLayout, scale: float, qk_bits: int, pv_bits: int | None):
+    b, h, nq, d = q.shape
+    nk, dv = k.shape[-2], v.shape[-1]
+    bq, bk = layout.block_q, layout.block_k
+    mq, kmax = layout.num_q_blocks, layout.max_kv
+    qi, ki, row_f, k_sc, shift = quantize_qk_for_kernel(q, k, bq, bk, qk_bits, scale)
+
+    o = torch.empty(b, h, nq, dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
+    # expand() gives stride 0 on size-1 batch/head dims: one pattern serves every head without copies.
+    idx = layout.kv_indices.expand(b, h, mq, kmax)
+    cnt = layout.kv_counts.expand(b, h, mq)
+    if layout.kv_mask_ids is not None:
+        mid = layout.kv_mask_ids.expand(b, h, mq, kmax)
+        bmask = layout.block_masks.view(torch.uint8)
+        has_partial = True
+    else:
+        mid, bmask, has_partial = idx, idx.new_zeros(1, 1, 1).view(torch.uint8), False
+
+    # int8 MMA consumes 32-deep K slices.
+    block_d = max(32, triton.next_power_of_2(d))
+    block_dv = max(16, triton.next_power_of_2(dv))
+    upcast = v.dtype == torch.bfloat16 and _interpreting()
+    precision = "ieee" if v.dtype == torch.float32 else "tf32"
+    grid = (mq, b * h)
+    _quant_block_sparse_fwd_kernel[grid](
+        qi, ki, row_f, k_sc, v, o, lse,
+        idx, cnt, mid, bmask,
+        *qi.stride(), *ki.stride(), *row_f.stride(), *k_sc.stride(), *v.stride(), *o.stride(), *lse.stride(),
+        *idx.stride(), *cnt.stride(), *mid.stride(), *bmask.stride(),
+        h, nq, nk,
+        D=d,
+        DV=dv,
+        BLOCK_M=bq,
+        BLOCK_N=bk,
+        BLOCK_D=block_d,
+        BLOCK_DV=block_dv,
+        HAS_PARTIAL=has_partial,
+        P_LEVELS=0 if pv_bits is None else 2**pv_bits - 1,
+        UPCAST=upcast,
+        DOT_PRECISION=precision,
+    )
+    # The smoothing shifted every score of a row by the same constant; put it back into the LSE.
+    return o, lse + shift
+
+
+def triton_quantized_block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockSparseLayout,
+    scale: float | None = None,
+    qk_bits: int = 8,
+    pv_bits: int | None = 8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention with INT8 (or INT4-valued) Q·Kᵀ and P rounded online to ``pv_bits``.
+
+    Computes :func:`diffattn.kernels.quant_reference.online_quantized_attention` (semantics and error
+    bound in its docstring).
+
+    Args:
+        q: ``[B, H, Nq, D]``; k: ``[B, H, Nk, D]``; v: ``[B, H, Nk, Dv]`` — fp16, bf16 or fp32, on CUDA
+            (or CPU under ``TRITON_INTERPRET=1``); ``D, Dv <= 256``.
+        layout: block-sparse layout (partial blocks honoured) with ``block_q, block_k <= 128``; one
+            program per query block, since Q's quantization scale is per query block.
+        scale: softmax scale, default ``D ** -0.5``.
+        qk_bits: 8 or 4 — the integer grid of q and k (both stored as int8).
+        pv_bits: 8 or 4 to round P on the grid ``1/(2**bits - 1)``, None to keep it unrounded.
+
+    Returns:
+        ``o`` ``[B, H, Nq, Dv]`` in q's dtype and ``lse`` float32 ``[B, H, Nq]`` (natural log). Rows that
+        see no key give zeros and ``lse = -inf``.
+    """
+    if qk_bits not in (4, 8):
+        raise ValueError(f"qk_bits must be 8 or 4 for the quantized kernel, got {qk_bits!r}")
+    if pv_bits not in (None, 4, 8):
+        raise ValueError(f"pv_bits must be 8, 4 or None (no quantization), got {pv_bits!r}")
+    if not isinstance(layout, BlockSparseLayout):
+        raise TypeError(f"layout must be a BlockSparseLayout, got {type(layout).__name__}")
+    if layout.block_q > _MAX_TILE or layout.block_k > _MAX_TILE:
+        raise ValueError(
+            f"the quantized kernel uses the layout's blocks as tiles and supports block_q, block_k <= {_MAX_TILE}, "
+            f"got {layout.block_q} x {layout.block_k}; build the layout with smaller blocks"
+        )
+    b, h, nq, d = q.shape
+    layout.check_inputs(b, h, nq, k.shape[-2])
+    if layout.kv_indices.device != q.device:
+        layout = layout.to(q.device)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    return _launch(q, k, v, layout, scale, qk_bits, pv_bits)
