@@ -31,7 +31,6 @@ import asyncio
 import atexit
 import dataclasses
 import inspect
-import logging
 import math
 import os
 import re
@@ -44,7 +43,7 @@ import types
 import typing
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Union, get_args, get_origin
 
@@ -72,8 +71,6 @@ __all__ = [
     "launch",
     "DEFAULT_PROMPT",
 ]
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_PROMPT = "a red circle moving left on a blue background"
 
@@ -532,6 +529,7 @@ class DemoRunner:
         atexit.register(shutil.rmtree, self.root, ignore_errors=True)
         self._lock = threading.Lock()
         self._runs: OrderedDict[str, RunResult] = OrderedDict()
+        self._runs_lock = threading.Lock()
         cfg = getattr(getattr(pipe, "transformer", None), "config", None)
         self.num_heads = int(getattr(cfg, "num_attention_heads", 1) or 1)
         if hasattr(pipe, "set_progress_bar_config"):
@@ -636,21 +634,24 @@ class DemoRunner:
         return result
 
     def _keep(self, result: RunResult) -> None:
-        self._runs[result.dir.name] = result
-        while len(self._runs) > self.keep_runs:
-            _, old = self._runs.popitem(last=False)
-            old.cleanup()
+        with self._runs_lock:
+            self._runs[result.dir.name] = result
+            while len(self._runs) > self.keep_runs:
+                _, old = self._runs.popitem(last=False)
+                old.cleanup()
 
     def discard(self, result: RunResult | None) -> None:
         """Remove a result's files (a session moved on or ended)."""
         if result is None:
             return
-        self._runs.pop(result.dir.name, None)
+        with self._runs_lock:
+            self._runs.pop(result.dir.name, None)
         result.cleanup()
 
     def close(self) -> None:
         """Remove every file the demo wrote."""
-        self._runs.clear()
+        with self._runs_lock:
+            self._runs.clear()
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -756,7 +757,8 @@ def build_app(
                     layer_dd = gr.Dropdown([], label="layer", interactive=True)
                     head_dd = gr.Dropdown([], label="head", interactive=True)
                     step_dd = gr.Dropdown([], label="step", interactive=True)
-                mask_img = gr.Image(label="block mask", type="numpy", format="png", interactive=False, elem_id="mask-image")
+                mask_img = gr.Image(label="block mask", type="numpy", format="png", interactive=False,
+                                    elem_id="mask-image")
         state = gr.State(None, delete_callback=runner.discard)
 
         def show_fields(selected: str):
@@ -787,6 +789,8 @@ def build_app(
                 # finds the pipeline restored.
                 cancel.set()
                 await asyncio.wait([work])
+                if not work.cancelled() and work.exception() is None:
+                    runner.discard(work.result())  # finished just before the cancel: nobody will show it
                 raise
             except Cancelled:
                 raise gr.Error("cancelled", print_exception=False) from None
