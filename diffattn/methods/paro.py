@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from ..kernels import BlockSparseLayout
+from ..kernels.api import resolve_backend
 from ..kernels.quant_reference import quantized_block_sparse_attention
 from ..patterns.paro import AXIS_ORDERS, calibrate_paro, head_permutations, inverse_permutation, permute_heads
 from .base import AttnContext, MethodConfig, register_method
@@ -68,7 +69,10 @@ class PAROConfig(MethodConfig):
         qk_bits: 8 (or 4) for integer Q·Kᵀ with per-block scales, None for the input precision.
             Paper: 8.
         pv_bits: 8 or 4 for P quantized in ``block x block`` tiles for P·V, None for the input
-            precision. Paper: 8 (INT4 as the aggressive setting).
+            precision. Paper: 8 (INT4 as the aggressive setting). With ``qk_bits`` set, the Triton
+            backend rounds P online against the running row max
+            (``quant_reference.online_quantized_attention``), the others against the final row max;
+            both stay within their documented error bounds.
         calibration: path of a file written by ``PAROMethod.save_calibration``; when set, no
             calibration runs and a missing or incompatible entry is an error. Default None.
         block_size: tile size (tokens) of the masks and the kernel. Paper: 64.
@@ -202,6 +206,12 @@ class PAROMethod(VideoSparseMethod):
         qp, kp, vp = (permute_heads(t, perms) for t in (q, k, v))
         if cfg.qk_bits is None and cfg.pv_bits is None:
             op, lsep = kernel_attention(qp, kp, vp, layout, ctx.scale, cfg.backend)
+        elif cfg.qk_bits is not None and resolve_backend(cfg.backend, q.device) == "triton":
+            from ..kernels.triton_quant import triton_quantized_block_sparse_attention
+
+            op, lsep = triton_quantized_block_sparse_attention(
+                qp, kp, vp, layout, ctx.scale, cfg.qk_bits, cfg.pv_bits
+            )
         else:
             op, lsep = quantized_block_sparse_attention(qp, kp, vp, layout, ctx.scale, cfg.qk_bits, cfg.pv_bits)
         ctx.record(density=layout.density, search=False, cache_hit=True)
