@@ -5,7 +5,6 @@ Needs Debian's ``chromium`` package (``.ci/run`` installs it) and Playwright's P
 drives that browser through ``executable_path`` (no browser download).
 """
 
-import os
 import shutil
 
 import pytest
@@ -26,7 +25,6 @@ FLAGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-SCREENSHOT = os.environ.get("DIFFATTN_DEMO_SCREENSHOT")  # e.g. docs/demo.png to refresh the README picture
 
 
 def _set_number(page, elem_id, value):
@@ -78,8 +76,6 @@ def test_page_generates_and_shows_videos_and_mask(tmp_path):
                 expect(page.locator("#summary")).to_contain_text("PSNR")
                 page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
                 assert (tmp_path / "demo.png").stat().st_size > 10_000
-                if SCREENSHOT:
-                    shutil.copy(tmp_path / "demo.png", SCREENSHOT)
                 assert not errors, errors
             finally:
                 browser.close()
