@@ -12,9 +12,13 @@ colours and frame-to-frame motion) and the last ``--long-from`` share of the ste
 (5 and 9 frames, smaller batches) so the model sees every temporal offset of the default 9 frames.
 The saved weights are an exponential moving average.
 
-The shipped weights were made with (2-core shared CPU):
+The shipped weights were made in two stages on a busy 2-core CPU (one torch thread; more threads
+were much slower there) -- the second with larger shapes, which the model learns faster:
 
-    python scripts/train_tiny.py --steps 1200 --seed 0 --out diffattn/assets/tiny
+    python scripts/train_tiny.py --steps 800 --batch 6 --radius 0.12,0.16 --stop-after 600 --seed 0 \
+        --out /tmp/tiny-stage1                                  # 1478 s, loss 0.094
+    python scripts/train_tiny.py --init /tmp/tiny-stage1 --steps 350 --lr 1e-3 --warmup 20 \
+        --long-from 0.8 --long-frames 9 --seed 1 --out diffattn/assets/tiny   # 828 s, loss 0.085
 
 Everything (data, init, sigma draws) is seeded; ``training.json`` in the output folder records the
 command, wall time and loss curve.
@@ -45,9 +49,12 @@ TEMPLATES = (
 )
 
 
-def make_batch(batch: int, choices: list[int], height: int, width: int, g: torch.Generator, drop: float):
+def make_batch(
+    batch: int, choices: list[int], height: int, width: int, g: torch.Generator, drop: float,
+    radius: tuple[float, float],
+):
     frames = choices[int(torch.randint(len(choices), (), generator=g))]
-    scenes = random_scenes(batch, frames, height, width, g)
+    scenes = random_scenes(batch, frames, height, width, g, radius=radius)
     videos = render_videos(scenes, frames, height, width, supersample=2) * 2 - 1
     prompts = []
     for s in scenes:
@@ -76,10 +83,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--save-every", type=int, default=200, help="also save the EMA weights every N steps")
     p.add_argument("--out", default="diffattn/assets/tiny")
+    p.add_argument("--init", help="continue from the weights in this folder (a previous --out)")
+    p.add_argument("--radius", default="0.15,0.19", help="shape half-extent range, fraction of the frame")
+    p.add_argument("--stop-after", type=int, help="stop (and save) after this many steps of the --steps schedule")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    pipe = build_tiny_pipeline(seed=args.seed)
+    if args.init:
+        from diffattn.pipelines.tiny import load_pipeline
+
+        torch.manual_seed(args.seed)
+        pipe = load_pipeline(args.init)
+    else:
+        pipe = build_tiny_pipeline(seed=args.seed)
     model, text = pipe.transformer, pipe.text_encoder
     model.train()
     text.train()
@@ -97,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     history = []
     running = None
     start = time.time()
+    radius = tuple(float(v) for v in args.radius.split(","))
     short = [int(v) for v in args.short_frames.split(",")]
     long = [int(v) for v in args.long_frames.split(",")]
     long_start = int(args.long_from * args.steps)
@@ -112,11 +129,11 @@ def main(argv: list[str] | None = None) -> int:
                 for c, q in zip(current, params):
                     q.copy_(c)
 
-    for step in range(args.steps):
+    for step in range(min(args.stop_after or args.steps, args.steps)):
         phase_long = step >= long_start
         x0, prompts = make_batch(
             args.long_batch if phase_long else args.batch, long if phase_long else short,
-            args.height, args.width, g, args.drop,
+            args.height, args.width, g, args.drop, radius,
         )
         noise = torch.randn(x0.shape, generator=g)
         sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=g)).view(-1, 1, 1, 1, 1)
@@ -136,11 +153,12 @@ def main(argv: list[str] | None = None) -> int:
             for e, q in zip(ema, params):
                 e.lerp_(q.detach(), 1 - decay)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+        last = step + 1 == min(args.stop_after or args.steps, args.steps)
+        if (step + 1) % args.log_every == 0 or last:
             elapsed = time.time() - start
             history.append({"step": step + 1, "loss": round(running, 5), "seconds": round(elapsed, 1)})
             print(f"step {step + 1}/{args.steps} loss {running:.4f} lr {lr_at(step):.2e} {elapsed:.0f}s", flush=True)
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+        if args.save_every and (step + 1) % args.save_every == 0 and not last:
             save(final=False)
 
     model.eval()

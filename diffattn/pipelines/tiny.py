@@ -132,9 +132,17 @@ def parse_prompt(prompt: str) -> dict[str, str]:
 
 
 def random_scenes(
-    n: int, num_frames: int, height: int, width: int, generator: torch.Generator | None = None
+    n: int,
+    num_frames: int,
+    height: int,
+    width: int,
+    generator: torch.Generator | None = None,
+    radius: tuple[float, float] = (0.15, 0.19),
 ) -> list[Scene]:
-    """``n`` random scenes whose whole trajectory over ``num_frames`` stays inside the frame."""
+    """``n`` random scenes whose whole trajectory over ``num_frames`` stays inside the frame.
+
+    ``radius`` is the range of the shape's half-extent as a fraction of the smaller side.
+    """
     g = generator
 
     def uniform(lo: float, hi: float) -> float:
@@ -143,6 +151,7 @@ def random_scenes(
     def choice(seq: Sequence[str]) -> str:
         return seq[int(torch.randint(len(seq), (), generator=g))]
 
+    radius_range = radius
     colors = list(COLORS)
     scenes = []
     for _ in range(n):
@@ -150,7 +159,7 @@ def random_scenes(
         background = choice([c for c in colors if c != color])
         direction = choice(list(DIRECTIONS))
         dx, dy = DIRECTIONS[direction]
-        radius = uniform(0.12, 0.16) * min(height, width)
+        radius = uniform(*radius_range) * min(height, width)
         along = width if dx else height
         room = max(along - 2 * radius - 2, 0.0)
         speed = min(uniform(0.045, 0.055) * along, room / max(num_frames - 1, 1))
