@@ -60,8 +60,12 @@ def device_slug(env: dict[str, Any]) -> str:
 
 
 def default_output(kind: str, env: dict[str, Any]) -> Path:
-    day = env["date"][:10]
-    return Path("benchmarks") / "results" / f"{day}-{device_slug(env)}-{kind}.jsonl"
+    """``benchmarks/results/<date>-<device>-<kind>.jsonl``; CPU runs are named ``cpu-…`` so they can
+    never pass for GPU results."""
+    slug = device_slug(env)
+    if env.get("device_type") != "cuda" and not slug.startswith("cpu"):
+        slug = f"cpu-{slug}"
+    return Path("benchmarks") / "results" / f"{env['date'][:10]}-{slug}-{kind}.jsonl"
 
 
 def write_rows(rows: list[dict[str, Any]], path: Path | str) -> Path:
