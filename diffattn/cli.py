@@ -136,6 +136,36 @@ def _run_demo(args, parser) -> int:
     return run_from_args(args)
 
 
+# ---------------------------------------------------------------------------------------------- bench
+_BENCHES = {
+    "kernel": "block-sparse kernel vs SDPA flash / FlexAttention / xformers (JSON rows)",
+    "e2e": "real-size denoisers (random weights) over full schedules, every method",
+    "quality": "error and recall vs density on synthetic DiT-like attention",
+    "unet": "SD 1.5-shaped UNet: dense vs agent attention vs ToMe",
+    "report": "plots and the README results section from benchmarks/results/*.jsonl",
+}
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="benchmarks: " + ", ".join(_BENCHES),
+        description="Run a benchmark; arguments after its name go to it (e.g. `diffattn bench e2e --help`).\n"
+        + "\n".join(f"  {k:8s} {v}" for k, v in _BENCHES.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("which", choices=sorted(_BENCHES))
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(handler=_run_bench)
+
+
+def _run_bench(args, parser) -> int:
+    import importlib
+
+    result = importlib.import_module(f"diffattn.bench.{args.which}").main(args.args)
+    return result if isinstance(result, int) else 0
+
+
 # ----------------------------------------------------------------------------------------------- main
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(
@@ -145,6 +175,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     _add_methods(sub)
     _add_generate(sub)
     _add_demo(sub)
+    _add_bench(sub)
     return parser, sub.choices
 
 

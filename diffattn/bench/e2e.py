@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="diffattn bench e2e", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="wan1.3b-480p", choices=sorted(PRESETS))
     p.add_argument("--methods", default=None, help="comma-separated (default: the preset's methods)")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; --quick: 4)")
     p.add_argument("--layers", type=int, default=None, help="keep only the first N blocks (faster runs)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -282,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="toy model, 4 steps: a smoke test of the harness")
     a = p.parse_args(argv)
     if a.quick:
-        a.model, a.steps = "toy-wan", 4
+        a.model = "toy-wan"
+    if a.steps is None:
+        a.steps = 4 if a.quick else 50
     methods = a.methods.split(",") if a.methods else None
     rows = run(a.model, methods, a.steps, a.layers, a.device, a.dtype, _parse_configs(a.config))
     out = a.out or default_output("e2e", rows[0]) if rows else None

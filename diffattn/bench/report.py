@@ -42,9 +42,15 @@ def _is_gpu(row: dict[str, Any]) -> bool:
 
 
 def _cfg_label(row: dict[str, Any]) -> str:
+    """The fields that tell a method's sweep points apart (the rest are defaults)."""
     cfg = row.get("config") or {}
-    keys = ("sparsity", "mode", "recall", "density", "decay_factor", "kernel_size", "stride", "qk_bits", "pv_bits")
-    parts = [f"{k}={cfg[k]}" for k in keys if k in cfg and cfg[k] is not None]
+    if cfg.get("mode") == "recall":
+        parts = [f"recall mode, target={cfg.get('target_recall')}"]
+    else:
+        keys = ("sparsity", "density", "decay_factor", "kernel_size", "stride", "qk_bits", "pv_bits")
+        parts = [f"{k}={cfg[k]}" for k in keys if cfg.get(k) is not None]
+    if cfg.get("head_adaptive") is False:
+        parts.append("no head-adaptive")
     return ", ".join(parts) if parts else "defaults"
 
 
@@ -57,16 +63,17 @@ def _quality_table(rows: list[dict[str, Any]]) -> list[str]:
     out = [
         f"**Fidelity on synthetic DiT-like attention** (`diffattn bench quality`; grid {grid}, "
         f"{first.get('heads')} heads × {first.get('head_dim')}, Wan 3-D RoPE, measured at step 40 of 50 "
-        f"with inputs drifting {first.get('drift')} per step; {first.get('device')}, commit "
+        f"with the inputs drifting per step by `drift`; {first.get('device')}, commit "
         f"`{first.get('commit')}`). Relative L2 error of the output vs dense fp32 attention, recall = "
         "attention mass kept.",
         "",
-        "| method | config | density | recall | rel. L2 error |",
-        "|---|---|---|---|---|",
+        "| method | config | drift | density | recall | rel. L2 error |",
+        "|---|---|---|---|---|---|",
     ]
-    for r in sorted(q, key=lambda r: (r["method"], -r["density"])):
+    for r in sorted(q, key=lambda r: (r["method"], -r["density"], r.get("drift", 0), _cfg_label(r))):
         out.append(
-            f"| {r['method']} | {_cfg_label(r)} | {r['density']:.3f} | {r['recall']:.3f} | {r['rel_l2']:.4f} |"
+            f"| {r['method']} | {_cfg_label(r)} | {r.get('drift', '-')} | {r['density']:.3f} | "
+            f"{r['recall']:.3f} | {r['rel_l2']:.4f} |"
         )
     return out
 

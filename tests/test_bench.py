@@ -1,0 +1,81 @@
+"""CPU smoke runs of the benchmark suite at toy shapes: the JSON schema and plots, not the numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from diffattn import cli
+from diffattn.bench import report
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV_KEYS = {"device", "device_type", "torch", "triton", "commit", "date"}
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_kernel_bench_rows(tmp_path):
+    out = tmp_path / "k.jsonl"
+    assert cli.main(["bench", "kernel", "--quick", "--shapes", "toy-1k", "--backends", "torch", "sdpa",
+                     "--densities", "0.5", "--warmup", "0", "--iters", "1", "--out", str(out)]) == 0
+    rows = _rows(out)
+    assert {r["backend"] for r in rows} == {"torch", "sdpa"}
+    for r in rows:
+        assert ENV_KEYS <= set(r) and r["device_type"] == "cpu"
+        assert r["ms"] > 0 and math.isfinite(r["tflops"]) and 0 < r["density"] <= 1
+
+
+def test_e2e_bench_rows(tmp_path):
+    out = tmp_path / "e.jsonl"
+    assert cli.main(["bench", "e2e", "--quick", "--steps", "2", "--methods", "dense,radial",
+                     "--config", "radial:dense_steps=0", "--config", "radial:dense_layers=0",
+                     "--out", str(out)]) == 0
+    rows = _rows(out)
+    assert [r["method"] for r in rows] == ["dense", "radial"]
+    for r in rows:
+        assert ENV_KEYS <= set(r) and r["bench"] == "e2e" and r["steps"] == 2
+        assert r["total_s"] > 0 and 0 < r["attention_share"] <= 1 and r["fallbacks"] == 0
+    assert rows[0]["density"] == 1.0 and rows[1]["density"] < 1.0
+    assert rows[1]["speedup_vs_dense"] > 0 and rows[1]["config"]["dense_steps"] == 0
+
+
+def test_report_renders_tables_and_plots(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    quality = {"bench": "quality", "method": "adaspa", "config": {"sparsity": 0.8}, "density": 0.2,
+               "recall": 0.8, "rel_l2": 0.19, "grid": [8, 16, 24], "heads": 8, "head_dim": 64, "drift": 0.01,
+               "device": "cpu", "commit": "abc"}
+    gpu_kernel = {"device": "NVIDIA H100", "device_type": "cuda", "shape": "wan", "dtype": "bf16", "backend": "triton",
+                  "density": 0.2, "ms": 2.0, "tflops": 300.0}
+    sdpa = {**gpu_kernel, "backend": "sdpa", "density": 1.0, "ms": 8.0}
+    (results / "a.jsonl").write_text("\n".join(json.dumps(r) for r in (quality, gpu_kernel, sdpa)) + "\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n## Results\n\nold\n")
+    assert report.main(["--results", str(results), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "| adaspa | sparsity=0.8 | 0.01 | 0.200 | 0.800 | 0.1900 |" in text
+    assert "| NVIDIA H100 | wan | bf16 | triton | 0.20 | 2.00 | 300 |" in text
+    assert "End-to-end" in text and "not yet measured on a GPU" in text
+    assert (results / "plots" / "quality_vs_density.png").stat().st_size > 0
+    assert (results / "plots" / "kernel_speedup.png").stat().st_size > 0
+    assert report.main(["--results", str(results), "--readme", str(readme), "--check"]) == 0
+    readme.write_text(text.replace("0.1900", "0.0100"))
+    assert report.main(["--results", str(results), "--readme", str(readme), "--check"]) == 1
+
+
+def test_readme_results_match_committed_json(tmp_path):
+    """The README's results section is exactly what the committed JSON rows render to."""
+    readme = tmp_path / "README.md"
+    shutil.copy(ROOT / "README.md", readme)
+    assert report.main(["--results", str(ROOT / "benchmarks" / "results"), "--readme", str(readme), "--check"]) == 0
+
+
+def test_bench_rejects_unknown_benchmark():
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "nope"])
