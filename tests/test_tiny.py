@@ -181,3 +181,15 @@ def test_trained_model_paints_the_prompted_background(pipe):
     for video, (prompt, background) in zip(frames, PROMPTS):
         bg = np.median(video.reshape(-1, 3), 0)
         assert names[np.abs(palette - bg).sum(1).argmin()] == background, (prompt, bg)
+
+
+def test_step_callback_sees_the_latents(pipe):
+    seen = []
+
+    def callback(p, i, t, values):
+        seen.append((i, values["latents"].shape))
+        return {}
+
+    pipe("a red circle moving left on a blue background", num_frames=5, height=32, width=32,
+         num_inference_steps=2, generator=torch.Generator().manual_seed(0), callback_on_step_end=callback)
+    assert [i for i, _ in seen] == [0, 1] and all(len(s) == 5 for _, s in seen)

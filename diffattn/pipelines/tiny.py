@@ -415,7 +415,9 @@ class TinyVideoPipeline(DiffusionPipeline):
                     v = v_uncond + guidance_scale * (v - v_uncond)
                 latents = self.scheduler.step(v.float(), t, latents, return_dict=False)[0]
                 if callback_on_step_end is not None:
-                    values = {k: locals()[k] for k in callback_on_step_end_tensor_inputs}
+                    # locals() inside a comprehension is the comprehension's own scope: take it here.
+                    scope = locals()
+                    values = {k: scope[k] for k in callback_on_step_end_tensor_inputs}
                     latents = callback_on_step_end(self, i, t, values).pop("latents", latents)
                 progress_bar.update()
         self._current_timestep = None
