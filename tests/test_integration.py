@@ -322,3 +322,8 @@ def test_methods_call_and_subpackage_share_a_name(models):
     method = diffattn.method_of(model)
     assert method.name == "dense" and method.config.block_size == 32
     diffattn.remove(model)
+
+
+def test_private_methods_are_not_listed():
+    assert "_test_record" not in diffattn.methods() and "dense" in diffattn.methods()
+    assert diffattn.methods.get_method_class("_test_record") is _RecordMethod

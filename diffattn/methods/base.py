@@ -242,7 +242,8 @@ def register_method(cls: type[AttentionMethod]) -> type[AttentionMethod]:
 
 
 def method_names() -> list[str]:
-    return list(_REGISTRY)
+    """Registered public method names (names starting with "_" are private, e.g. test fixtures)."""
+    return [n for n in _REGISTRY if not n.startswith("_")]
 
 
 def get_method_class(name: str) -> type[AttentionMethod]:
