@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 
 import torch
 
+from ._tuning import interpreting
 from .layout import BlockSparseLayout
 from .reference import gathered_block_attention
 
@@ -37,8 +37,7 @@ def log_once(key: str, message: str, level: int = logging.INFO) -> None:
         logger.log(level, message)
 
 
-def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+triton_interpret = interpreting
 
 
 def _has_triton() -> bool:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import torch
 
+from ._tuning import LOG2E
 from .layout import BlockSparseLayout, cdiv
 
 __all__ = [
@@ -266,7 +267,6 @@ def quantization_error_bound(
     return o_bound, eps
 
 
-_LOG2E = 1.4426950408889634
 
 
 def quantize_qk_for_kernel(
@@ -288,7 +288,7 @@ def quantize_qk_for_kernel(
     kmean = kf.mean(dim=2, keepdim=True)
     qi, sq = quantize_blockwise(q, block_q, bits)
     ki, sk = quantize_blockwise(kf - kmean, block_k, bits)
-    row_f = sq.repeat_interleave(block_q, dim=2)[:, :, :nq] * (scale * _LOG2E)
+    row_f = sq.repeat_interleave(block_q, dim=2)[:, :, :nq] * (scale * LOG2E)
     sk_rows = sk.repeat_interleave(block_k, dim=2)[:, :, :nk]
     shift = (q.float() * kmean).sum(-1) * scale
     return qi.to(torch.int8), ki.to(torch.int8), row_f.contiguous(), sk_rows.contiguous(), shift

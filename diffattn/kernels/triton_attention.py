@@ -16,34 +16,21 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tuning import LOG2E, autotune_configs, interpreting
 from .layout import BlockSparseLayout
 
 __all__ = ["triton_block_sparse_attention"]
 
-_LOG2E = 1.4426950408889634
 _MAX_TILE = 128
 
 
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _configs() -> list[triton.Config]:
-    if _interpreting():
-        # The CPU interpreter cannot benchmark several configs; one is enough for correctness.
-        return [triton.Config({}, num_warps=4, num_stages=1)]
-    # Hopper: 64/128-row tiles are fed by 4 warps (one warpgroup) or 8; 2-4 stages hide K/V latency
-    # within the 228 KB of shared memory; one stage keeps fp32 tiles with D > 128 within it. Configs
-    # that do not fit are discarded by the autotuner.
-    return [
-        triton.Config({}, num_warps=w, num_stages=s)
-        for w, s in ((4, 2), (4, 3), (4, 4), (8, 2), (8, 3), (8, 4), (8, 1))
-    ]
+# Hopper: 64/128-row tiles are fed by 4 warps (one warpgroup) or 8; 2-4 stages hide K/V latency
+# within the 228 KB of shared memory; one stage keeps fp32 tiles with D > 128 within it. Configs
+# that do not fit are discarded by the autotuner.
+_CONFIGS = autotune_configs(((4, 2), (4, 3), (4, 4), (8, 2), (8, 3), (8, 4), (8, 1)))
 
 
-@triton.autotune(configs=_configs(), key=["D", "DV", "BLOCK_M", "SPLIT_M", "BLOCK_N", "HAS_PARTIAL"])
+@triton.autotune(configs=_CONFIGS, key=["D", "DV", "BLOCK_M", "SPLIT_M", "BLOCK_N", "HAS_PARTIAL"])
 @triton.jit
 def _block_sparse_fwd_kernel(
     Q, K, V, O, LSE,
@@ -203,7 +190,7 @@ def _launch(
 
     block_d = max(16, triton.next_power_of_2(d))
     block_dv = max(16, triton.next_power_of_2(dv))
-    upcast = q.dtype == torch.bfloat16 and _interpreting()
+    upcast = q.dtype == torch.bfloat16 and interpreting()
     # fp32 inputs ask for fp32 results: no TF32 rounding of the operands.
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     if block_m is None:
@@ -217,7 +204,7 @@ def _launch(
     _block_sparse_fwd_kernel[grid](
         q, k, v, o, lse,
         idx, cnt, mid, bmask,
-        scale * _LOG2E,
+        scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *lse.stride(),
         *idx.stride(), *cnt.stride(), *mid.stride(), *bmask.stride(),
         h, nq, nk,

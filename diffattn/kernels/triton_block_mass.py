@@ -15,29 +15,18 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tuning import LOG2E, autotune_configs, interpreting
+
 from .layout import cdiv
 
 __all__ = ["triton_block_mass"]
 
-_LOG2E = 1.4426950408889634
 _MAX_TILE = 128
 
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_CONFIGS = autotune_configs(((4, 2), (4, 3), (8, 2), (8, 3), (8, 1)))
 
 
-def _configs() -> list[triton.Config]:
-    if _interpreting():
-        return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (4, 3), (8, 2), (8, 3), (8, 1))
-    ]
-
-
-@triton.autotune(configs=_configs(), key=["D", "BLOCK_M", "BLOCK_N"])
+@triton.autotune(configs=_CONFIGS, key=["D", "BLOCK_M", "BLOCK_N"])
 @triton.jit
 def _block_mass_kernel(
     Q, K, LSE, OUT,
@@ -101,14 +90,14 @@ def _launch(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, block_q: int, b
     block_d = max(16, triton.next_power_of_2(d))
     _block_mass_kernel[(mq, b * h)](
         q, k, lse, out,
-        scale * _LOG2E,
+        scale * LOG2E,
         *q.stride(), *k.stride(), *lse.stride(), *out.stride(),
         h, nq, nk, mk,
         D=d,
         BLOCK_M=block_q,
         BLOCK_N=block_k,
         BLOCK_D=block_d,
-        UPCAST=q.dtype == torch.bfloat16 and _interpreting(),
+        UPCAST=q.dtype == torch.bfloat16 and interpreting(),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     return out

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tuning import LOG2E, autotune_configs, interpreting
 from .layout import BlockSparseLayout
 from .quant_reference import quantize_qk_for_kernel
 
@@ -28,22 +29,10 @@ __all__ = ["triton_quantized_block_sparse_attention"]
 _MAX_TILE = 128
 
 
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_CONFIGS = autotune_configs(((4, 2), (4, 3), (8, 2), (8, 3), (4, 1)))
 
 
-def _configs() -> list[triton.Config]:
-    if _interpreting():
-        # The CPU interpreter cannot benchmark several configs.
-        return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (4, 3), (8, 2), (8, 3), (4, 1))
-    ]
-
-
-@triton.autotune(configs=_configs(), key=["D", "DV", "BLOCK_M", "BLOCK_N", "HAS_PARTIAL", "P_LEVELS"])
+@triton.autotune(configs=_CONFIGS, key=["D", "DV", "BLOCK_M", "BLOCK_N", "HAS_PARTIAL", "P_LEVELS"])
 @triton.jit
 def _quant_block_sparse_fwd_kernel(
     QI, KI, ROWF, KSC, V, O, LSE,
@@ -184,7 +173,7 @@ def _launch(q, k, v, layout: BlockSparseLayout, scale: float, qk_bits: int, pv_b
     # int8 MMA consumes 32-deep K slices.
     block_d = max(32, triton.next_power_of_2(d))
     block_dv = max(16, triton.next_power_of_2(dv))
-    upcast = v.dtype == torch.bfloat16 and _interpreting()
+    upcast = v.dtype == torch.bfloat16 and interpreting()
     precision = "ieee" if v.dtype == torch.float32 else "tf32"
     grid = (mq, b * h)
     _quant_block_sparse_fwd_kernel[grid](
