@@ -208,20 +208,10 @@ def test_resolution_change_updates_context(models):
 
 
 # ------------------------------------------------------------------------------ pipeline: steps, CFG
-def _tiny_wan_pipeline():
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
-
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(
-        base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
-        attn_scales=[], latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
-    ).eval()
-    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    return WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=T.build("wan"), scheduler=sched)
 
 
 def test_wan_pipeline_steps_and_cfg_branches():
-    pipe = _tiny_wan_pipeline()
+    pipe = T.wan_pipeline()
     pe, ne = torch.randn(1, 7, 32), torch.randn(1, 7, 32)
     diffattn.apply(pipe, "_test_record", min_tokens=0)
     call = dict(prompt_embeds=pe, negative_prompt_embeds=ne, num_frames=5, height=32, width=48,

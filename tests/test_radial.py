@@ -328,20 +328,8 @@ def test_tiny_models_dense_when_the_window_covers_everything(name):
     torch.testing.assert_close(out, ref, atol=MODEL_TOL[0], rtol=MODEL_TOL[1])
 
 
-def _tiny_wan_pipeline():
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
-
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(
-        base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
-        attn_scales=[], latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
-    ).eval()
-    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    return WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=T.build("wan"), scheduler=sched)
-
-
 def test_wan_pipeline_honours_dense_steps():
-    pipe = _tiny_wan_pipeline()
+    pipe = T.wan_pipeline()
     # 12 of 50 steps dense scales to round(12 * 4 / 50) = 1 of 4 steps.
     diffattn.apply(pipe, "radial", dense_layers=0, dense_steps=12, **TINY_KW)
     video = pipe(

@@ -192,3 +192,16 @@ def run(model: torch.nn.Module, kwargs: dict) -> torch.Tensor:
     with torch.no_grad():
         out = model(**kwargs, return_dict=False)[0]
     return out
+
+
+def wan_pipeline(seed: int = 0):
+    """A tiny random WanPipeline (Wan VAE + the tiny Wan transformer), used with ``prompt_embeds``."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+        attn_scales=[], latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+    ).eval()
+    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=build("wan", seed), scheduler=sched)
