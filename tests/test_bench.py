@@ -79,3 +79,16 @@ def test_readme_results_match_committed_json(tmp_path):
 def test_bench_rejects_unknown_benchmark():
     with pytest.raises(SystemExit):
         cli.main(["bench", "nope"])
+
+
+def test_tiny_bench_rows(tmp_path):
+    out = tmp_path / "tiny.jsonl"
+    assert cli.main(["bench", "tiny", "--prompts", "1", "--frames", "5", "--size", "32", "--steps", "2",
+                     "--methods", "radial", "agent", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["radial", "agent"]
+    for r in rows:
+        assert r["bench"] == "tiny" and r["device"] == "cpu" and isinstance(r["config"], dict)
+        assert r["config"]["method"] == r["method"]
+        assert math.isfinite(r["psnr"]) and -1.0 <= r["ssim"] <= 1.0 and r["seconds"] > 0
+        assert r["density"] is not None and r["density"] > 0
