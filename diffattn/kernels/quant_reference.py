@@ -45,6 +45,7 @@ import torch
 
 from ._tuning import LOG2E
 from .layout import BlockSparseLayout, cdiv
+from .reference import _pad_rows
 
 __all__ = [
     "quantized_block_sparse_attention",
@@ -294,6 +295,11 @@ def quantize_qk_for_kernel(
     return qi.to(torch.int8), ki.to(torch.int8), row_f.contiguous(), sk_rows.contiguous(), shift
 
 
+def _tiles(x: torch.Tensor, blocks: int, block: int) -> torch.Tensor:
+    """``[B, H, N, C]`` zero-padded to whole blocks and viewed as ``[B, H, blocks, block, C]``."""
+    return _pad_rows(x, blocks * block).view(*x.shape[:2], blocks, block, x.shape[-1])
+
+
 def online_quantized_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -347,21 +353,11 @@ def online_quantized_attention(
     qi, ki, row_f, sk, shift = quantize_qk_for_kernel(q, k, bq, bk, qk_bits, scale)
     dev = q.device
     # Pad to whole blocks so tiles are plain views; padded rows/keys are masked below.
-    qt = torch.zeros(b, h, mq * bq, d, device=dev)
-    qt[:, :, :nq] = qi.float()
-    qt = qt.view(b, h, mq, bq, d)
-    rf = torch.zeros(b, h, mq * bq, device=dev)
-    rf[:, :, :nq] = row_f
-    rf = rf.view(b, h, mq, bq)
-    kt = torch.zeros(b, h, mk * bk, d, device=dev)
-    kt[:, :, :nk] = ki.float()
-    kt = kt.view(b, h, mk, bk, d)
-    skt = torch.zeros(b, h, mk * bk, device=dev)
-    skt[:, :, :nk] = sk
-    skt = skt.view(b, h, mk, bk)
-    vt = torch.zeros(b, h, mk * bk, dv, device=dev)
-    vt[:, :, :nk] = v.float()
-    vt = vt.view(b, h, mk, bk, dv)
+    qt = _tiles(qi.float(), mq, bq)
+    rf = _tiles(row_f[..., None], mq, bq)[..., 0]
+    kt = _tiles(ki.float(), mk, bk)
+    skt = _tiles(sk[..., None], mk, bk)[..., 0]
+    vt = _tiles(v.float(), mk, bk)
     col_ok = (torch.arange(mk * bk, device=dev) < nk).view(mk, bk)
 
     idx = layout.kv_indices.expand(b, h, mq, kmax).long()
