@@ -90,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="diffattn/assets/tiny")
     p.add_argument("--init", help="continue from the weights in this folder (a previous --out)")
     p.add_argument("--radius", default="0.15,0.19", help="shape half-extent range, fraction of the frame")
+    p.add_argument(
+        "--sigma-dist", choices=("logit-normal", "uniform"), default="logit-normal",
+        help="noise-level distribution; logit-normal rarely draws sigma > 0.9, where sampling lays out the shapes",
+    )
     p.add_argument("--stop-after", type=int, help="stop (and save) after this many steps of the --steps schedule")
     args = p.parse_args(argv)
 
@@ -141,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
             args.height, args.width, g, args.drop, radius,
         )
         noise = torch.randn(x0.shape, generator=g)
-        sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=g)).view(-1, 1, 1, 1, 1)
+        if args.sigma_dist == "uniform":
+            sigma = torch.rand(x0.shape[0], generator=g).view(-1, 1, 1, 1, 1)
+        else:
+            sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=g)).view(-1, 1, 1, 1, 1)
         xt = (1 - sigma) * x0 + sigma * noise
         ids, lengths = text.tokenize(prompts)
         emb = text(ids, lengths)

@@ -23,12 +23,33 @@ def _rows(path: Path) -> list[dict]:
 def test_kernel_bench_rows(tmp_path):
     out = tmp_path / "k.jsonl"
     assert cli.main(["bench", "kernel", "--quick", "--shapes", "toy-1k", "--backends", "torch", "sdpa",
-                     "--densities", "0.5", "--warmup", "0", "--iters", "1", "--out", str(out)]) == 0
+                     "--layouts", "random", "--densities", "0.5", "--warmup", "0", "--iters", "1", "--out", str(out)]) == 0
     rows = _rows(out)
     assert {r["backend"] for r in rows} == {"torch", "sdpa"}
     for r in rows:
         assert ENV_KEYS <= set(r) and r["device_type"] == "cpu"
         assert r["ms"] > 0 and math.isfinite(r["tflops"]) and 0 < r["density"] <= 1
+
+
+def test_kernel_bench_method_layouts(tmp_path):
+    """Each method's real layout is replayed on the kernel; GNA carries its bound, AdaSpa its search cost."""
+    out = tmp_path / "k.jsonl"
+    assert cli.main(["bench", "kernel", "--quick", "--shapes", "toy-2k", "--backends", "torch", "sdpa",
+                     "--layouts", "radial", "gna", "adaspa", "paro", "agent",
+                     "--warmup", "0", "--iters", "1", "--out", str(out)]) == 0
+    rows = _rows(out)
+    by = {(r["layout"], r["backend"]): r for r in rows}
+    assert set(by) == {
+        (m, "torch") for m in ("radial", "gna", "adaspa", "paro")
+    } | {(m, "method") for m in ("radial", "gna", "adaspa", "paro", "agent")} | {("adaspa", "search")}
+    for r in rows:
+        assert ENV_KEYS <= set(r) and r["grid"] == [8, 16, 16] and r["ms"] > 0, r
+        assert "error" not in r and r["density"] > 0
+    for m in ("radial", "adaspa", "paro"):
+        assert by[(m, "torch")]["kernel_calls"] >= 1 and by[(m, "torch")]["density"] < 1.0
+    assert by[("paro", "torch")]["density"] == pytest.approx(0.5, abs=0.05)  # its default density
+    assert by[("gna", "torch")]["simulated_speedup"] > 0
+    assert by[("agent", "method")]["kernel_calls"] == 0
 
 
 def test_e2e_bench_rows(tmp_path):
@@ -60,7 +81,7 @@ def test_report_renders_tables_and_plots(tmp_path):
     assert report.main(["--results", str(results), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "| adaspa | sparsity=0.8 | 0.01 | 0.200 | 0.800 | 0.1900 |" in text
-    assert "| NVIDIA H100 | wan | bf16 | triton | 0.20 | 2.00 | 300 |" in text
+    assert "| NVIDIA H100 | wan | bf16 | random | triton | 0.20 | 2.00 | 300 |" in text
     assert "End-to-end" in text and "not yet measured on a GPU" in text
     assert (results / "plots" / "quality_vs_density.png").stat().st_size > 0
     assert (results / "plots" / "kernel_speedup.png").stat().st_size > 0

@@ -83,11 +83,14 @@ def _kernel_table(rows: list[dict[str, Any]]) -> list[str]:
     if not k:
         return ["Kernel speed (H100 targets: dense ≥ 0.9× SDPA-flash, time ≤ 1.15·d·dense, ≥ 1.2× FlexAttention): "
                 "**not yet measured on a GPU**."]
-    out = ["**Kernel speed** (`diffattn bench kernel`)", "", "| device | shape | dtype | backend | density | ms | TFLOP/s |",
-           "|---|---|---|---|---|---|---|"]
-    for r in sorted(k, key=lambda r: (r["device"], r["shape"], r["backend"], -r["density"])):
-        out.append(f"| {r['device']} | {r['shape']} | {r['dtype']} | {r['backend']} | {r['density']:.2f} | "
-                   f"{r['ms']:.2f} | {r['tflops']:.0f} |")
+    out = ["**Kernel speed** (`diffattn bench kernel`; random layouts at fixed densities and each method's "
+           "real layout on synthetic DiT-like inputs)", "",
+           "| device | shape | dtype | layout | backend | density | ms | TFLOP/s |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(k, key=lambda r: (r["device"], r["shape"], r.get("layout", "random"), r["backend"], -r["density"])):
+        tflops = "-" if r.get("tflops") is None else f"{r['tflops']:.0f}"
+        out.append(f"| {r['device']} | {r['shape']} | {r['dtype']} | {r.get('layout', 'random')} | {r['backend']} | "
+                   f"{r['density']:.2f} | {r['ms']:.2f} | {tflops} |")
     return out
 
 

@@ -8,9 +8,10 @@ and text queries attend densely to everything. Padded text keys (HunyuanVideo) a
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar, Iterator, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,10 @@ import torch.nn.functional as F
 from ..kernels import BlockSparseLayout, block_sparse_attention, merge_attention
 from .base import AttentionMethod, AttnContext, MethodConfig, register_method
 
-__all__ = ["DenseConfig", "DenseMethod", "VideoSparseMethod", "kernel_attention", "note_layout"]
+__all__ = [
+    "DenseConfig", "DenseMethod", "KernelCall", "VideoSparseMethod", "capture_kernel_calls", "kernel_attention",
+    "note_layout",
+]
 
 # While a method plans the video part of a call with layout capture on, every layout it runs lands here
 # (the demo and plots show the last one: the sparse pattern actually computed).
@@ -30,6 +34,32 @@ def note_layout(layout: BlockSparseLayout) -> None:
     sink = _captured.get()
     if sink is not None:
         sink.append(layout)
+
+
+class KernelCall(NamedTuple):
+    """One block-sparse kernel call a method made: the exact (possibly permuted) inputs and layout."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    layout: BlockSparseLayout
+    scale: float | None
+
+
+_kernel_calls: ContextVar[list | None] = ContextVar("diffattn_kernel_calls", default=None)
+
+
+@contextmanager
+def capture_kernel_calls() -> Iterator[list[KernelCall]]:
+    """Collect every :class:`KernelCall` made inside the block (benchmarks replay them to time the kernel
+    on a method's real layouts). The list holds references to the inputs, not copies."""
+    calls: list[KernelCall] = []
+    token = _kernel_calls.set(calls)
+    try:
+        yield calls
+    finally:
+        _kernel_calls.reset(token)
+
 
 Backend = Literal["auto", "triton", "torch", "flex"]
 
@@ -64,6 +94,9 @@ def kernel_attention(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     note_layout(layout)
+    calls = _kernel_calls.get()
+    if calls is not None:
+        calls.append(KernelCall(q, k, v, layout, scale))
     o, lse = block_sparse_attention(q, k, v, layout, scale=scale, return_lse=True, backend=backend)
     return o, lse
 
