@@ -21,11 +21,25 @@ from diffattn.kernels import (
     dense_masked_attention,
     merge_attention,
 )
+from diffattn.kernels import api as kernel_api
 from diffattn.kernels.api import can_run
 from tests.tolerances import assert_close
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-CPU_BACKENDS = ["torch", "triton", "flex"]
+# "torch-gathered" is the torch backend with its masked-CPU shortcut turned off (see _torch_paths), so both
+# of its code paths are checked against the reference.
+CPU_BACKENDS = ["torch", "torch-gathered", "triton", "flex"]
+
+
+def _b(backend):
+    return "torch" if backend == "torch-gathered" else backend
+
+
+@pytest.fixture(autouse=True)
+def _torch_paths(request, monkeypatch):
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and "torch-gathered" in (callspec.params.get("backend"), callspec.params.get("path")):
+        monkeypatch.setattr(kernel_api, "CPU_MASKED_MAX_ELEMENTS", 0)
 
 
 def _qkv(b, h, nq, nk, d, dtype, device="cpu", dv=None):
@@ -95,7 +109,7 @@ def test_backend_matches_reference(backend, case):
     dtype = DTYPES[dt]
     q, k, v = _qkv(b, h, nq, nk, d, dtype, _device(backend))
     layout = _random_layout(b, h, nq, nk, bq, bk, density)
-    o, lse = block_sparse_attention(q, k, v, layout, backend=backend)
+    o, lse = block_sparse_attention(q, k, v, layout, backend=_b(backend))
     ref_o, ref_lse = dense_masked_attention(q, k, v, layout)
     _check(o, lse, ref_o, ref_lse, dtype)
 
@@ -116,13 +130,31 @@ FULL_GRID = [
     FULL_GRID,
     ids=[_case_id(2, 3, n[0], n[1], d, dt, den, 64, 64) for n, d, dt, den in FULL_GRID],
 )
-def test_torch_backend_full_grid(lengths, d, dt, density):
+@pytest.mark.parametrize("path", ["torch", "torch-gathered"])
+def test_torch_backend_full_grid(lengths, d, dt, density, path):
     nq, nk = lengths
     dtype = DTYPES[dt]
     q, k, v = _qkv(2, 3, nq, nk, d, dtype, "cpu")
     layout = _random_layout(2, 3, nq, nk, 64, 64, density)
     o, lse = block_sparse_attention(q, k, v, layout, backend="torch")
     _check(o, lse, *_ref(q, k, v, layout), dtype)
+
+
+def test_torch_backend_picks_its_path_by_mask_size(monkeypatch):
+    """Small problems take the masked CPU shortcut, large ones (or a threshold of 0) gather blocks."""
+    calls = []
+    real_masked, real_gathered = kernel_api.masked_cpu_attention, kernel_api.gathered_block_attention
+    monkeypatch.setattr(kernel_api, "masked_cpu_attention", lambda *a: calls.append("masked") or real_masked(*a))
+    monkeypatch.setattr(kernel_api, "gathered_block_attention", lambda *a: calls.append("gathered") or real_gathered(*a))
+    q, k, v = _qkv(2, 3, 300, 250, 64, torch.float32)
+    layout = _random_layout(1, 3, 300, 250, 64, 64, 0.5)
+    block_sparse_attention(q, k, v, layout, backend="torch")
+    monkeypatch.setattr(kernel_api, "CPU_MASKED_MAX_ELEMENTS", 3 * 300 * 250 - 1)
+    block_sparse_attention(q, k, v, layout, backend="torch")
+    # different q / v head dims cannot use the fused CPU kernel
+    monkeypatch.setattr(kernel_api, "CPU_MASKED_MAX_ELEMENTS", 1 << 25)
+    block_sparse_attention(q, k, torch.randn(2, 3, 250, 32), layout, backend="torch")
+    assert calls == ["masked", "gathered", "gathered"]
 
 
 # ---------------------------------------------------------------- full density = SDPA / logsumexp
@@ -134,7 +166,7 @@ def test_full_density_equals_sdpa(backend, dt):
     q, k, v = _qkv(b, h, nq, nk, d, dtype, _device(backend))
     layout = BlockSparseLayout.dense(1, 1, nq, nk, 64, 64)
     scale = 0.3
-    o, lse = block_sparse_attention(q, k, v, layout, scale=scale, backend=backend)
+    o, lse = block_sparse_attention(q, k, v, layout, scale=scale, backend=_b(backend))
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale)
     assert_close(o, ref, dtype)
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
@@ -152,7 +184,7 @@ def test_empty_rows_give_zeros_and_neg_inf(backend):
     tm[:, 2, :, :64] = False
     layout = BlockSparseLayout.from_token_mask(tm, bq, bk)
     assert int(layout.kv_counts[0, 1, 0]) == 0 and layout.has_partial
-    o, lse = block_sparse_attention(q, k, v, layout, backend=backend)
+    o, lse = block_sparse_attention(q, k, v, layout, backend=_b(backend))
     empty = ~tm.any(-1).to(o.device)
     assert bool(torch.isneginf(lse[empty]).all()) and bool((o[empty] == 0).all())
     _check(o, lse, *_ref(q, k, v, token_mask=tm), torch.float32)
@@ -173,7 +205,7 @@ def test_partial_blocks_are_token_exact(backend, dt):
     tm = window[None] & key_valid[:, None, None, :]
     layout = BlockSparseLayout.from_token_mask(tm, 32, 32)
     assert layout.has_partial
-    o, lse = block_sparse_attention(q, k, v, layout, backend=backend)
+    o, lse = block_sparse_attention(q, k, v, layout, backend=_b(backend))
     _check(o, lse, *_ref(q, k, v, token_mask=tm), dtype)
 
 
@@ -185,7 +217,7 @@ def test_key_padding_layout(backend):
     key_valid[0, 90:] = False
     key_valid[1, 5:40] = False
     layout = BlockSparseLayout.from_key_padding(key_valid, nq, 64, 64)
-    o, lse = block_sparse_attention(q, k, v, layout, backend=backend)
+    o, lse = block_sparse_attention(q, k, v, layout, backend=_b(backend))
     tm = key_valid[:, None, None, :].expand(b, h, nq, nk)
     _check(o, lse, *_ref(q, k, v, token_mask=tm), torch.float16)
 
@@ -197,7 +229,7 @@ def test_broadcast_layouts(backend, lb, lh):
     b, h, nq, nk, d = 2, 3, 160, 130, 64
     q, k, v = _qkv(b, h, nq, nk, d, torch.float32, _device(backend))
     layout = _random_layout(lb, lh, nq, nk, 32, 64, 0.5)
-    o, lse = block_sparse_attention(q, k, v, layout, backend=backend)
+    o, lse = block_sparse_attention(q, k, v, layout, backend=_b(backend))
     # Reference with an explicitly expanded (non-broadcast) layout.
     full = BlockSparseLayout.from_block_mask(layout.to_block_mask().expand(b, h, -1, -1).contiguous(), 32, 64)
     _check(o, lse, *_ref(q, k, v, full), torch.float32)
@@ -212,7 +244,7 @@ def test_non_contiguous_inputs(backend):
     k, v = kv[..., :d], kv[..., d + 8 :]
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
     layout = _random_layout(b, 1, nq, nk, 64, 32, 0.6)
-    o, lse = block_sparse_attention(q, k, v, layout, backend=backend)
+    o, lse = block_sparse_attention(q, k, v, layout, backend=_b(backend))
     ref = _ref(q.contiguous(), k.contiguous(), v.contiguous(), layout)
     _check(o, lse, *ref, torch.float16)
 
@@ -248,8 +280,8 @@ def test_merge_of_disjoint_block_sets_equals_full(backend):
     mask[1, 1, 1] &= split[1, 1, 1]  # a row whose blocks all fall into the first half
     part1 = BlockSparseLayout.from_block_mask(mask & split, bs, bs)
     part2 = BlockSparseLayout.from_block_mask(mask & ~split, bs, bs)
-    o1, l1 = block_sparse_attention(q, k, v, part1, backend=backend)
-    o2, l2 = block_sparse_attention(q, k, v, part2, backend=backend)
+    o1, l1 = block_sparse_attention(q, k, v, part1, backend=_b(backend))
+    o2, l2 = block_sparse_attention(q, k, v, part2, backend=_b(backend))
     o, lse = merge_attention(o1, l1, o2, l2)
     _check(o, lse, *_ref(q, k, v, BlockSparseLayout.from_block_mask(mask, bs, bs)), torch.float32)
 
@@ -295,7 +327,7 @@ def test_block_mass(backend, nq, nk, d, dt, bq, bk):
     _, lse = dense_masked_attention(q, k, k)
     lse[0, 1, 3] = float("-inf")
     lse[1, 2, nq - 1] = float("-inf")
-    mass = block_mass(q, k, lse, bq, bk, scale, backend=backend)
+    mass = block_mass(q, k, lse, bq, bk, scale, backend=_b(backend))
     assert mass.dtype == torch.float32 and mass.shape == (2, 3, cdiv(nq, bq), cdiv(nk, bk))
     assert_close(mass, _explicit_mass(q, k, lse, bq, bk, scale), dtype, what="mass")
     assert_close(mass, block_mass_reference(q, k, lse, bq, bk, scale), dtype, what="mass")
@@ -367,7 +399,7 @@ def test_gpu_large_matches_reference(backend, d, dt):
     b, h, nq, nk = 1, 2, 8190, 8100
     q, k, v = _qkv(b, h, nq, nk, d, dtype, device="cuda")
     layout = _random_layout(b, h, nq, nk, 128, 64, 0.3, device="cuda")
-    o, lse = block_sparse_attention(q, k, v, layout, backend=backend)
+    o, lse = block_sparse_attention(q, k, v, layout, backend=_b(backend))
     _check(o, lse, *_ref(q, k, v, layout), dtype)
 
 
@@ -395,7 +427,7 @@ def test_gpu_partial_blocks_and_empty_rows_bf16():
     tm[0, 1, :500] = False
     layout = BlockSparseLayout.from_token_mask(tm, 64, 64)
     for backend in ("triton", "flex"):
-        o, lse = block_sparse_attention(q, k, v, layout, backend=backend)
+        o, lse = block_sparse_attention(q, k, v, layout, backend=_b(backend))
         _check(o, lse, *_ref(q, k, v, token_mask=tm), torch.bfloat16)
 
 

@@ -4,6 +4,8 @@
   independent reference used by tests (small shapes only).
 * :func:`gathered_block_attention` gathers only the listed key blocks, one chunk of query blocks at a
   time, so memory stays bounded for long sequences — the ``"torch"`` backend.
+* :func:`masked_cpu_attention` runs PyTorch's fused CPU attention under the layout's token mask — the
+  ``"torch"`` backend's shortcut for problems small enough to hold the whole mask.
 * :func:`merge_attention` combines two partial attentions exactly through their LSEs.
 * :func:`block_mass_reference` sums ``exp(s - lse)`` over every (query block, key block) tile.
 """
@@ -11,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -19,6 +22,7 @@ from .layout import BlockSparseLayout, cdiv
 __all__ = [
     "dense_masked_attention",
     "gathered_block_attention",
+    "masked_cpu_attention",
     "merge_attention",
     "block_mass_reference",
     "softmax_with_lse",
@@ -130,6 +134,45 @@ def gathered_block_attention(
         lse_out[:, :, m0:m1] = lse
     o = out.view(b, h, mq * bq, dv)[:, :, :nq]
     return o.to(q.dtype), lse_out.view(b, h, mq * bq)[:, :, :nq].contiguous()
+
+
+# Additive masks per layout (built once: the mask expansion costs about half an attention call).
+_bias_cache: "weakref.WeakKeyDictionary[BlockSparseLayout, dict]" = weakref.WeakKeyDictionary()
+
+
+def _additive_mask(layout: BlockSparseLayout, nq: int, nk: int, dtype: torch.dtype, device: torch.device):
+    per_layout = _bias_cache.setdefault(layout, {})
+    key = (nq, nk, dtype, device)
+    if key not in per_layout:
+        keep = layout.to(device).to_token_mask(nq, nk)  # [LB, LH, Nq, Nk]
+        bias = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, float("-inf"))
+        per_layout.clear()  # one shape per layout is the common case; keep memory bounded
+        per_layout[key] = (bias, ~keep.any(-1))
+    return per_layout[key]
+
+
+def masked_cpu_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockSparseLayout,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention on CPU as PyTorch's fused (flash) CPU attention with an additive token mask.
+
+    Computes every ``Nq x Nk`` score, so it only pays off while the mask is small (the ``"torch"``
+    backend uses it below :data:`diffattn.kernels.api.CPU_MASKED_MAX_ELEMENTS`); there it is several
+    times faster than gathering blocks. Same contract: ``o`` in q's dtype, ``lse`` float32, rows with
+    nothing kept give zeros and ``-inf``.
+    """
+    nq, nk = q.shape[-2], k.shape[-2]
+    bias, empty = _additive_mask(layout, nq, nk, q.dtype, q.device)
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scale)
+    lse = lse.float()
+    if bool(empty.any()):
+        o = o.masked_fill(empty[..., None], 0.0)
+        lse = lse.masked_fill(empty, float("-inf"))
+    return o, lse
 
 
 def merge_attention(
