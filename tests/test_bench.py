@@ -75,16 +75,32 @@ def test_report_renders_tables_and_plots(tmp_path):
     gpu_kernel = {"device": "NVIDIA H100", "device_type": "cuda", "shape": "wan", "dtype": "bf16", "backend": "triton",
                   "density": 0.2, "ms": 2.0, "tflops": 300.0}
     sdpa = {**gpu_kernel, "backend": "sdpa", "density": 1.0, "ms": 8.0}
-    (results / "a.jsonl").write_text("\n".join(json.dumps(r) for r in (quality, gpu_kernel, sdpa)) + "\n")
+    radial_kernel = {**gpu_kernel, "layout": "radial", "density": 0.34, "ms": 3.0, "tflops": 200.0}
+    search = {**gpu_kernel, "layout": "adaspa", "backend": "search", "density": 0.2, "ms": 1.5, "tflops": None}
+    tiny = [{"bench": "tiny", "label": "radial", "method": "radial", "config": {"decay_factor": 0.2},
+             "frames": 9, "height": 64, "width": 64, "steps": 20, "density": 0.7, "psnr": p, "identical": False,
+             "ssim": 0.99, "device": "cpu", "commit": "abc"} for p in (31.0, 33.0)]
+    tiny.append({**tiny[0], "label": "gna", "method": "gna", "config": {}, "psnr": None, "identical": True,
+                 "ssim": 1.0})
+    e2e = {"bench": "e2e", "device": "NVIDIA H100", "device_type": "cuda", "model": "wan", "method": "radial",
+           "total_s": 10.0, "speedup_vs_dense": 1.8, "attention_share": 0.7, "density": 0.34}
+    lines = (quality, gpu_kernel, sdpa, radial_kernel, search, *tiny, e2e)
+    (results / "a.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n## Results\n\nold\n")
     assert report.main(["--results", str(results), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "| adaspa | sparsity=0.8 | 0.01 | 0.200 | 0.800 | 0.1900 |" in text
     assert "| NVIDIA H100 | wan | bf16 | random | triton | 0.20 | 2.00 | 300 |" in text
-    assert "End-to-end" in text and "not yet measured on a GPU" in text
+    assert "| NVIDIA H100 | wan | bf16 | radial | triton | 0.34 | 3.00 | 200 |" in text
+    assert "| NVIDIA H100 | wan | bf16 | adaspa | search | 0.20 | 1.50 | - |" in text
+    assert "| radial | decay_factor=0.2 | 2 | 0.700 | 32.0 (31.0) | 0.9900 |" in text
+    assert "| gna | defaults | 1 | 0.700 | ∞ (identical) | 1.0000 |" in text
+    assert "End-to-end" in text and "UNet speed" in text and "not yet measured on a GPU" in text
     assert (results / "plots" / "quality_vs_density.png").stat().st_size > 0
     assert (results / "plots" / "kernel_speedup.png").stat().st_size > 0
+    assert (results / "plots" / "tiny_psnr_vs_density.png").stat().st_size > 0
+    assert (results / "plots" / "pareto.png").stat().st_size > 0
     assert report.main(["--results", str(results), "--readme", str(readme), "--check"]) == 0
     readme.write_text(text.replace("0.1900", "0.0100"))
     assert report.main(["--results", str(results), "--readme", str(readme), "--check"]) == 1
@@ -105,11 +121,15 @@ def test_bench_rejects_unknown_benchmark():
 def test_tiny_bench_rows(tmp_path):
     out = tmp_path / "tiny.jsonl"
     assert cli.main(["bench", "tiny", "--prompts", "1", "--frames", "5", "--size", "32", "--steps", "2",
-                     "--methods", "radial", "agent", "--out", str(out)]) == 0
+                     "--methods", "radial", "gna", "agent", "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["method"] for r in rows] == ["radial", "agent"]
+    assert [r["label"] for r in rows] == ["radial", "gna", "agent"]
     for r in rows:
         assert r["bench"] == "tiny" and r["device"] == "cpu" and isinstance(r["config"], dict)
-        assert r["config"]["method"] == r["method"]
-        assert math.isfinite(r["psnr"]) and -1.0 <= r["ssim"] <= 1.0 and r["seconds"] > 0
+        assert r["config"]["method"] == r["method"] and r["steps"] == 2
+        assert -1.0 <= r["ssim"] <= 1.0 and r["seconds"] > 0
         assert r["density"] is not None and r["density"] > 0
+    radial, gna, agent = rows
+    assert math.isfinite(radial["psnr"]) and not radial["identical"]
+    # GNA's default window covers the whole 5x8x8 grid: dense up to float rounding
+    assert gna["identical"] or gna["psnr"] > 100.0
