@@ -247,7 +247,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     for name in names:
         b, h, n, d, grid = {**SHAPES, **QUICK_SHAPES}[name]
         base = {
-            **env, "shape": name, "B": b, "H": h, "Nq": n, "Nk": n, "D": d, "grid": list(grid), "dtype": dtype_name,
+            "bench": "kernel", **env, "shape": name, "B": b, "H": h, "Nq": n, "Nk": n, "D": d, "grid": list(grid), "dtype": dtype_name,
             "block_q": args.block_q, "block_k": args.block_k,
         }
         jobs: list[tuple[str, str, float, float, dict[str, Any], Callable[[], Callable[[], Any] | None]]] = []
