@@ -144,6 +144,7 @@ _BENCHES = {
     "unet": "SD 1.5-shaped UNet: dense vs agent attention vs ToMe",
     "tiny": "embedded tiny video model: PSNR/SSIM of every video method vs dense",
     "report": "plots and the README results section from benchmarks/results/*.jsonl",
+    "all": "every benchmark this machine can run, then the report",
 }
 
 

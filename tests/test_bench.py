@@ -113,6 +113,20 @@ def test_readme_results_match_committed_json(tmp_path):
     assert report.main(["--results", str(ROOT / "benchmarks" / "results"), "--readme", str(readme), "--check"]) == 0
 
 
+def test_bench_all_plans_what_this_machine_can_run(capsys, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert cli.main(["bench", "all", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "skipping kernel, e2e, unet" in out
+    assert "$ diffattn bench quality --drifts 0.0 0.01 --out benchmarks/results/" in out
+    assert "$ diffattn bench tiny --out benchmarks/results/" in out and "bench e2e" not in out
+    from diffattn.bench import all as bench_all
+
+    jobs = bench_all.plan(["kernel", "e2e"], {"device": "NVIDIA H100", "date": "2026-11-23T00:00:00Z"})
+    assert [name for name, _ in jobs] == ["kernel", "e2e", "e2e", "e2e"]
+    assert [args[1] for name, args in jobs if name == "e2e"] == list(bench_all.E2E_MODELS)
+
+
 def test_bench_rejects_unknown_benchmark():
     with pytest.raises(SystemExit):
         cli.main(["bench", "nope"])
