@@ -56,10 +56,10 @@ TEMPLATES = (
 
 def make_batch(
     batch: int, choices: list[int], height: int, width: int, g: torch.Generator, drop: float,
-    radius: tuple[float, float],
+    radius: tuple[float, float], jitter: float = 1.0,
 ):
     frames = choices[int(torch.randint(len(choices), (), generator=g))]
-    scenes = random_scenes(batch, frames, height, width, g, radius=radius)
+    scenes = random_scenes(batch, frames, height, width, g, radius=radius, jitter=jitter)
     videos = render_videos(scenes, frames, height, width, supersample=2) * 2 - 1
     prompts = []
     for s in scenes:
@@ -91,6 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init", help="continue from the weights in this folder (a previous --out)")
     p.add_argument("--radius", default="0.15,0.19", help="shape half-extent range, fraction of the frame")
     p.add_argument(
+        "--jitter", type=float, default=1.0,
+        help="share of the free room the start position is drawn from (0: trajectories centred in the frame)",
+    )
+    p.add_argument(
+        "--prediction", choices=("sample", "velocity"), default="sample",
+        help="what the transformer predicts: the clean video (x0) or the flow velocity (noise - x0)",
+    )
+    p.add_argument(
         "--sigma-dist", choices=("logit-normal", "uniform"), default="logit-normal",
         help="noise-level distribution; logit-normal rarely draws sigma > 0.9, where sampling lays out the shapes",
     )
@@ -103,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.manual_seed(args.seed)
         pipe = load_pipeline(args.init)
+        pipe.register_to_config(prediction_type=args.prediction)
     else:
-        pipe = build_tiny_pipeline(seed=args.seed)
+        pipe = build_tiny_pipeline(seed=args.seed, prediction_type=args.prediction)
     model, text = pipe.transformer, pipe.text_encoder
     model.train()
     text.train()
@@ -142,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         phase_long = step >= long_start
         x0, prompts = make_batch(
             args.long_batch if phase_long else args.batch, long if phase_long else short,
-            args.height, args.width, g, args.drop, radius,
+            args.height, args.width, g, args.drop, radius, args.jitter,
         )
         noise = torch.randn(x0.shape, generator=g)
         if args.sigma_dist == "uniform":
@@ -153,7 +162,13 @@ def main(argv: list[str] | None = None) -> int:
         ids, lengths = text.tokenize(prompts)
         emb = text(ids, lengths)
         pred = model(xt, sigma.flatten() * 1000, emb, return_dict=False)[0]
-        loss = (pred - (noise - x0)).pow(2).mean()
+        if args.prediction == "velocity":
+            loss = (pred - (noise - x0)).pow(2).mean()
+        else:
+            # x0 error weighted by 1/sigma^2 (the velocity error it implies), capped at 4 so that
+            # nearly clean inputs do not dominate
+            weight = sigma.pow(-2).clamp(max=4.0)
+            loss = (weight * (pred - x0).pow(2)).mean()
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)

@@ -88,6 +88,26 @@ def test_random_scenes_stay_in_frame_and_prompt_round_trips():
         assert parsed == {"shape": s.shape, "color": s.color, "background": s.background, "direction": s.direction}
 
 
+@pytest.mark.parametrize("jitter", [0.0, 0.2])
+def test_scene_jitter_bounds_the_start_around_a_centred_trajectory(jitter):
+    scenes = random_scenes(40, 9, 64, 64, torch.Generator().manual_seed(4), jitter=jitter)
+    for s in scenes:
+        dx, dy = DIRECTIONS[s.direction]
+        # centre of the trajectory (frames 0..8) and its distance from the frame centre
+        mid_x, mid_y = s.x + dx * s.speed * 4, s.y + dy * s.speed * 4
+        room = 64 - 2 * s.radius - 2
+        travel = s.speed * 8
+        along_room = room - travel
+        off_along = abs((mid_x if dx else mid_y) - 32)
+        off_across = abs((mid_y if dx else mid_x) - 32)
+        assert off_along <= along_room / 2 * jitter + 1e-4
+        assert off_across <= room / 2 * jitter + 1e-4
+    if jitter == 0.0:
+        assert all(abs(s.x + DIRECTIONS[s.direction][0] * s.speed * 4 - 32) < 1e-4 for s in scenes)
+    with pytest.raises(ValueError, match="jitter"):
+        random_scenes(1, 9, 64, 64, jitter=1.5)
+
+
 # ------------------------------------------------------------------------------------ text encoder
 def test_tokenizer_handles_unknown_words_case_punctuation_and_length(pipe):
     te = pipe.text_encoder
@@ -189,6 +209,39 @@ def test_trained_model_paints_the_prompted_colours(pipe):
         counts[names.index(background)] = 0
         top2 = [names[i] for i in np.argsort(counts)[::-1][:2]]
         assert color in top2, (prompt, dict(zip(names, counts)))
+
+
+@pytest.mark.parametrize("prediction_type", ["sample", "velocity"])
+def test_sampler_lands_on_an_exact_prediction(prediction_type, monkeypatch):
+    """An oracle transformer (x0 = C, or the velocity that leads to C) makes the Euler sampler end on C,
+    with guidance too: the pipeline's conversion between predictions is exact."""
+    from diffattn.pipelines.tiny import build_tiny_pipeline
+
+    p = build_tiny_pipeline(prediction_type=prediction_type)
+    p.set_progress_bar_config(disable=True)
+    target = torch.linspace(-0.9, 0.9, 3 * 2 * 8 * 8).view(1, 3, 2, 8, 8)
+    sigmas = []
+
+    def oracle(hidden_states, timestep, **kw):
+        sigma = float(timestep.flatten()[0]) / 1000
+        sigmas.append(sigma)
+        x0 = target.expand_as(hidden_states)
+        out = x0 if prediction_type == "sample" else (hidden_states - x0) / sigma
+        return (out,)
+
+    monkeypatch.setattr(p.transformer, "forward", oracle)
+    video = p("a red circle", num_frames=2, height=8, width=8, num_inference_steps=5, guidance_scale=3.0,
+              output_type="pt", generator=torch.Generator().manual_seed(0)).frames
+    expected = ((target + 1) / 2).permute(0, 2, 1, 3, 4)
+    torch.testing.assert_close(video, expected, atol=1e-5, rtol=0)
+    assert len(sigmas) == 10 and min(sigmas) > 0
+
+
+def test_bad_prediction_type_is_refused():
+    from diffattn.pipelines.tiny import build_tiny_pipeline
+
+    with pytest.raises(ValueError, match="prediction_type"):
+        build_tiny_pipeline(prediction_type="epsilon")
 
 
 def test_step_callback_sees_the_latents(pipe):

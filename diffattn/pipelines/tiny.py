@@ -12,7 +12,10 @@ CPU. This module holds the three pieces that make one:
   :class:`~diffusers.WanTransformer3DModel` working directly in pixel space (3 channels, patch
   ``(1, 4, 4)``: 9 frames of 64x64 px are a 9x16x16 grid of 2304 video tokens, head dim 32), sampled
   with flow matching and :class:`~diffusers.FlowMatchEulerDiscreteScheduler`, classifier-free guidance
-  done as two transformer calls per step (cond, uncond) exactly as ``WanPipeline`` does.
+  done as two transformer calls per step (cond, uncond) exactly as ``WanPipeline`` does. The shipped
+  transformer predicts the clean video (``prediction_type="sample"``), which the pipeline turns into
+  the flow velocity ``(x - x0) / sigma`` for the scheduler: a model this narrow cannot carry the
+  input noise through its 64 channels, which predicting the velocity ``noise - x0`` would require.
 
 The weights ship in ``diffattn/assets/tiny`` (``save_pretrained`` layout) and are produced by
 ``scripts/train_tiny.py``.
@@ -138,11 +141,17 @@ def random_scenes(
     width: int,
     generator: torch.Generator | None = None,
     radius: tuple[float, float] = (0.15, 0.19),
+    jitter: float = 1.0,
 ) -> list[Scene]:
     """``n`` random scenes whose whole trajectory over ``num_frames`` stays inside the frame.
 
-    ``radius`` is the range of the shape's half-extent as a fraction of the smaller side.
+    ``radius`` is the range of the shape's half-extent as a fraction of the smaller side. ``jitter``
+    is the share of the free room the start position is drawn from, around the placement that centres
+    the trajectory in the frame: 1 uses all of it, 0 always centres it (the prompt then fixes where the
+    shape is, which a small model learns far faster than choosing a position itself).
     """
+    if not 0.0 <= jitter <= 1.0:
+        raise ValueError(f"jitter must be in [0, 1], got {jitter}")
     g = generator
 
     def uniform(lo: float, hi: float) -> float:
@@ -166,14 +175,19 @@ def random_scenes(
         travel = speed * (num_frames - 1)
         # start so that the end of the trajectory is inside too
         lo_along, hi_along = radius + 1, along - radius - 1 - travel
-        start_along = uniform(lo_along, max(hi_along, lo_along))
+        start_along = _around_middle(lo_along, max(hi_along, lo_along), jitter, uniform)
         if dx < 0 or dy < 0:
             start_along = along - start_along
         across = height if dx else width
-        start_across = uniform(radius + 1, across - radius - 1)
+        start_across = _around_middle(radius + 1, across - radius - 1, jitter, uniform)
         x, y = (start_along, start_across) if dx else (start_across, start_along)
         scenes.append(Scene(choice(list(SHAPES)), color, background, direction, x, y, radius, speed))
     return scenes
+
+
+def _around_middle(lo: float, hi: float, jitter: float, uniform: Callable[[float, float], float]) -> float:
+    mid, half = (lo + hi) / 2, (hi - lo) / 2 * jitter
+    return uniform(mid - half, mid + half)
 
 
 def render_videos(
@@ -291,6 +305,10 @@ class TinyVideoPipelineOutput(BaseOutput):
     frames: Any
 
 
+# "velocity": the transformer predicts noise - x0 (flow matching); "sample": it predicts x0.
+PREDICTION_TYPES = ("velocity", "sample")
+
+
 class TinyVideoPipeline(DiffusionPipeline):
     """Text-to-video with the tiny pixel-space Wan transformer (see the module docstring).
 
@@ -307,9 +325,16 @@ class TinyVideoPipeline(DiffusionPipeline):
         transformer: WanTransformer3DModel,
         text_encoder: TinyTextEncoder,
         scheduler: FlowMatchEulerDiscreteScheduler,
+        prediction_type: str = "velocity",
     ) -> None:
         super().__init__()
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type must be one of {PREDICTION_TYPES} (what the transformer outputs), "
+                f"got {prediction_type!r}"
+            )
         self.register_modules(transformer=transformer, text_encoder=text_encoder, scheduler=scheduler)
+        self.register_to_config(prediction_type=prediction_type)
 
     @property
     def patch_size(self) -> tuple[int, int, int]:
@@ -413,6 +438,9 @@ class TinyVideoPipeline(DiffusionPipeline):
                             attention_kwargs=attention_kwargs, return_dict=False,
                         )[0]
                     v = v_uncond + guidance_scale * (v - v_uncond)
+                if self.config.prediction_type == "sample":
+                    # guidance is affine, so guiding x0 predictions equals guiding the velocities
+                    v = (latents - v.float()) / float(self.scheduler.sigmas[i])
                 latents = self.scheduler.step(v.float(), t, latents, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     # locals() inside a comprehension is the comprehension's own scope: take it here.
@@ -451,13 +479,17 @@ TINY_TRANSFORMER_CONFIG: dict[str, Any] = {
 TINY_SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 1.0}
 
 
-def build_tiny_pipeline(seed: int = 0, **transformer_overrides: Any) -> TinyVideoPipeline:
+def build_tiny_pipeline(
+    seed: int = 0, prediction_type: str = "sample", **transformer_overrides: Any
+) -> TinyVideoPipeline:
     """A freshly initialised (untrained) tiny pipeline; ``scripts/train_tiny.py`` trains it."""
     torch.manual_seed(seed)
     transformer = WanTransformer3DModel(**{**TINY_TRANSFORMER_CONFIG, **transformer_overrides})
     text_encoder = TinyTextEncoder(out_dim=transformer.config.text_dim)
     scheduler = FlowMatchEulerDiscreteScheduler(**TINY_SCHEDULER_CONFIG)
-    return TinyVideoPipeline(transformer=transformer, text_encoder=text_encoder, scheduler=scheduler)
+    return TinyVideoPipeline(
+        transformer=transformer, text_encoder=text_encoder, scheduler=scheduler, prediction_type=prediction_type
+    )
 
 
 def tiny_asset_dir() -> Path:
