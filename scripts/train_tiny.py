@@ -42,7 +42,16 @@ from pathlib import Path
 
 import torch
 
-from diffattn.pipelines.tiny import build_tiny_pipeline, random_scenes, render_videos, scene_prompt
+from diffusers import WanTransformer3DModel
+
+from diffattn.pipelines.tiny import (
+    POSITION_CHANNELS,
+    build_tiny_pipeline,
+    random_scenes,
+    render_videos,
+    scene_prompt,
+    with_position_channels,
+)
 
 # variations of the prompt wording, so articles and the verb form are not load-bearing
 TEMPLATES = (
@@ -67,6 +76,20 @@ def make_batch(
         text = template.format(color=s.color, shape=s.shape, direction=s.direction, background=s.background)
         prompts.append("" if float(torch.rand((), generator=g)) < drop else text)
     return videos, prompts
+
+
+def _add_position_inputs(model: WanTransformer3DModel) -> WanTransformer3DModel:
+    """The same transformer taking position channels too; their patch-embedding weights start at zero."""
+    config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+    config["in_channels"] = model.config.out_channels + POSITION_CHANNELS
+    grown = WanTransformer3DModel(**config)
+    state = model.state_dict()
+    w = state["patch_embedding.weight"]
+    state["patch_embedding.weight"] = torch.cat(
+        [w, torch.zeros(w.shape[0], POSITION_CHANNELS, *w.shape[2:], dtype=w.dtype)], dim=1
+    )
+    grown.load_state_dict(state)
+    return grown
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         help="share of the free room the start position is drawn from (0: trajectories centred in the frame)",
     )
     p.add_argument(
+        "--no-position-channels", dest="position_channels", action="store_false",
+        help="do not give the transformer absolute (t, y, x) position channels (RoPE alone is relative)",
+    )
+    p.add_argument(
         "--prediction", choices=("sample", "velocity"), default="sample",
         help="what the transformer predicts: the clean video (x0) or the flow velocity (noise - x0)",
     )
@@ -112,8 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(args.seed)
         pipe = load_pipeline(args.init)
         pipe.register_to_config(prediction_type=args.prediction)
+        if args.position_channels and pipe.transformer.config.in_channels == pipe.transformer.config.out_channels:
+            pipe.transformer = _add_position_inputs(pipe.transformer)
     else:
         pipe = build_tiny_pipeline(seed=args.seed, prediction_type=args.prediction)
+        if not args.position_channels:
+            pipe.transformer = WanTransformer3DModel(**{**dict(pipe.transformer.config), "in_channels": 3})
     model, text = pipe.transformer, pipe.text_encoder
     model.train()
     text.train()
@@ -161,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         xt = (1 - sigma) * x0 + sigma * noise
         ids, lengths = text.tokenize(prompts)
         emb = text(ids, lengths)
-        pred = model(xt, sigma.flatten() * 1000, emb, return_dict=False)[0]
+        pred = model(with_position_channels(xt, model.config.in_channels), sigma.flatten() * 1000, emb,
+                     return_dict=False)[0]
         if args.prediction == "velocity":
             loss = (pred - (noise - x0)).pow(2).mean()
         else:

@@ -7,6 +7,7 @@ from diffusers import WanTransformer3DModel
 
 from diffattn.pipelines.tiny import (
     COLORS,
+    POSITION_CHANNELS,
     DIRECTIONS,
     SHAPES,
     Scene,
@@ -15,8 +16,10 @@ from diffattn.pipelines.tiny import (
     parse_prompt,
     random_scenes,
     render_videos,
+    position_channels,
     scene_prompt,
     tiny_asset_dir,
+    with_position_channels,
 )
 from tests.tolerances import MODEL_TOL
 
@@ -133,6 +136,23 @@ def test_shipped_model_is_a_wan_transformer_with_enough_tokens(pipe):
     assert (9 // pf) * (64 // ph) * (64 // pw) == 9 * 16 * 16
     size = sum(f.stat().st_size for f in tiny_asset_dir().rglob("*") if f.is_file())
     assert size < 8 * 2**20
+    # it predicts the clean video and sees absolute positions
+    assert pipe.config.prediction_type == "sample"
+    assert (cfg.in_channels, cfg.out_channels) == (3 + POSITION_CHANNELS, 3)
+
+
+def test_position_channels():
+    pos = position_channels(2, 5, 4, 6)
+    assert pos.shape == (2, 3, 5, 4, 6)
+    assert pos[0, 0, :, 0, 0].tolist() == [-0.5, -0.25, 0.0, 0.25, 0.5]  # frames from the middle, /4
+    assert pos[0, 1, 0, :, 0].tolist() == pytest.approx([-1, -1 / 3, 1 / 3, 1])  # y
+    assert pos[1, 2, 3, 2, :].tolist() == pytest.approx([-1, -0.6, -0.2, 0.2, 0.6, 1])  # x
+    lat = torch.randn(2, 3, 5, 4, 6)
+    assert with_position_channels(lat, 3) is lat
+    both = with_position_channels(lat, 6)
+    assert torch.equal(both[:, :3], lat) and torch.equal(both[:, 3:], pos)
+    with pytest.raises(ValueError, match="position channels"):
+        with_position_channels(lat, 5)
 
 
 def test_call_shapes_seeds_and_bad_sizes(pipe):
@@ -225,8 +245,10 @@ def test_sampler_lands_on_an_exact_prediction(prediction_type, monkeypatch):
     def oracle(hidden_states, timestep, **kw):
         sigma = float(timestep.flatten()[0]) / 1000
         sigmas.append(sigma)
-        x0 = target.expand_as(hidden_states)
-        out = x0 if prediction_type == "sample" else (hidden_states - x0) / sigma
+        assert torch.equal(hidden_states[:, 3:], position_channels(1, 2, 8, 8))
+        x = hidden_states[:, :3]
+        x0 = target.expand_as(x)
+        out = x0 if prediction_type == "sample" else (x - x0) / sigma
         return (out,)
 
     monkeypatch.setattr(p.transformer, "forward", oracle)

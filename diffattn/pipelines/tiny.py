@@ -307,6 +307,36 @@ class TinyVideoPipelineOutput(BaseOutput):
 
 # "velocity": the transformer predicts noise - x0 (flow matching); "sample": it predicts x0.
 PREDICTION_TYPES = ("velocity", "sample")
+POSITION_CHANNELS = 3
+
+
+def position_channels(batch: int, frames: int, height: int, width: int, device=None) -> torch.Tensor:
+    """Absolute position of every pixel, ``[B, 3, F, H, W]``: frame offset from the clip's middle (in units
+    of 4 frames), then y and x in [-1, 1].
+
+    Wan's transformer only knows relative positions (RoPE) and its patch embedding has no padding, so on
+    its own it cannot tell the centre of the frame from an edge; the tiny model gets these as extra
+    input channels (its ``in_channels`` is ``out_channels + 3``).
+    """
+    t = (torch.arange(frames, dtype=torch.float32, device=device) - (frames - 1) / 2) / 4
+    y = torch.linspace(-1, 1, height, device=device)
+    x = torch.linspace(-1, 1, width, device=device)
+    grid = torch.stack(torch.meshgrid(t, y, x, indexing="ij"))  # [3, F, H, W]
+    return grid.unsqueeze(0).expand(batch, -1, -1, -1, -1)
+
+
+def with_position_channels(latents: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """The transformer input: ``latents`` plus :func:`position_channels` when the model takes them."""
+    extra = in_channels - latents.shape[1]
+    if extra == 0:
+        return latents
+    if extra != POSITION_CHANNELS:
+        raise ValueError(
+            f"the transformer takes {in_channels} input channels for {latents.shape[1]} latent channels; "
+            f"expected equal counts or {POSITION_CHANNELS} position channels more"
+        )
+    b, _, f, h, w = latents.shape
+    return torch.cat([latents, position_channels(b, f, h, w, latents.device).to(latents.dtype)], dim=1)
 
 
 class TinyVideoPipeline(DiffusionPipeline):
@@ -408,7 +438,7 @@ class TinyVideoPipeline(DiffusionPipeline):
         do_cfg = guidance_scale > 1.0
         dtype = self.transformer.dtype
 
-        shape = (batch, self.transformer.config.in_channels, num_frames, height, width)
+        shape = (batch, self.transformer.config.out_channels, num_frames, height, width)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
@@ -423,7 +453,7 @@ class TinyVideoPipeline(DiffusionPipeline):
                 if self._interrupt:
                     continue
                 self._current_timestep = t
-                x = latents.to(dtype)
+                x = with_position_channels(latents, self.transformer.config.in_channels).to(dtype)
                 timestep = t.expand(batch)
                 ctx = {"step_index": i, "sigma": float(self.scheduler.sigmas[i]), "num_inference_steps": len(timesteps)}
                 with self.transformer.cache_context("cond", **ctx):
@@ -466,7 +496,7 @@ TINY_TRANSFORMER_CONFIG: dict[str, Any] = {
     "patch_size": (1, 4, 4),
     "num_attention_heads": 2,
     "attention_head_dim": 32,
-    "in_channels": 3,
+    "in_channels": 6,  # 3 colour channels + position_channels()
     "out_channels": 3,
     "text_dim": 64,
     "freq_dim": 64,
