@@ -94,7 +94,7 @@ def test_report_renders_tables_and_plots(tmp_path):
     assert "| NVIDIA H100 | wan | bf16 | random | triton | 0.20 | 2.00 | 300 |" in text
     assert "| NVIDIA H100 | wan | bf16 | radial | triton | 0.34 | 3.00 | 200 |" in text
     assert "| NVIDIA H100 | wan | bf16 | adaspa | search | 0.20 | 1.50 | - |" in text
-    assert "| radial | decay_factor=0.2 | 2 | 0.700 | 32.0 (31.0) | 0.9900 |" in text
+    assert "| radial | defaults | 2 | 0.700 | 32.0 (31.0) | 0.9900 |" in text
     assert "| gna | defaults | 1 | 0.700 | ∞ (identical) | 1.0000 |" in text
     assert "End-to-end" in text and "UNet speed" in text and "not yet measured on a GPU" in text
     assert (results / "plots" / "quality_vs_density.png").stat().st_size > 0
