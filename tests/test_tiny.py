@@ -229,12 +229,13 @@ def test_trained_model_draws_the_prompted_scene(pipe):
         # mostly the prompted colour
         nearest = np.abs(video[fg][:, None] - palette[None]).sum(-1).argmin(1)
         assert np.mean(nearest == names.index(color)) > 0.6, (prompt, np.bincount(nearest, minlength=len(names)))
-        # compact: nearly all of it within 16 px of its centroid, which is near the frame centre
+        # compact (the trained shapes are 7-11 px in half-extent): nearly all of it within 18 px of its
+        # centroid, which is near the frame centre
         cent = _centroids(fg.astype(np.float32))
         for f in range(9):
             dist = np.hypot(xs - cent[f, 0], ys - cent[f, 1])[fg[f]]
-            assert np.mean(dist < 16) > 0.9, (prompt, f)
-        assert np.abs(cent - 32).max() < 12, (prompt, cent)
+            assert np.mean(dist < 18) > 0.9, (prompt, f)
+        assert np.abs(cent - 32).max() < 8, (prompt, cent)
 
 
 def test_trained_model_denoises_motion(pipe):
