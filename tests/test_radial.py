@@ -342,3 +342,18 @@ def test_wan_pipeline_honours_dense_steps():
     assert {r["grid"] for r in rows} == {(4, 1, 2)}
     assert {r["step"] for r in rows if r.get("warmup")} == {0}
     assert {r["step"] for r in rows if not r.get("warmup")} == {1, 2, 3}
+
+
+def test_layout_capture_nests_inside_kernel_call_capture():
+    """capture_layouts keeps the computed block mask and an enclosing capture_kernel_calls still sees the call."""
+    from diffattn.methods.sparse import capture_kernel_calls
+
+    method = RadialMethod(RadialConfig(dense_steps=0, dense_layers=0, backend="torch"))
+    q, k, v = (torch.randn(1, 2, 4 * 64, 32) for _ in range(3))
+    seen = {}
+    ctx = AttnContext(layer="l", layer_index=3, num_layers=4, grid=(4, 8, 8), step=30, num_steps=50,
+                      capture_layouts=True, record=lambda **kw: seen.update(kw))
+    with capture_kernel_calls() as calls:
+        method.attend(q, k, v, ctx)
+    assert len(calls) == 1 and calls[0].q.shape == (1, 2, 256, 32)
+    assert torch.equal(seen["block_mask"], calls[0].layout.to_block_mask().cpu())

@@ -203,6 +203,13 @@ def draw_plots(rows: list[dict[str, Any]], out_dir: Path | str) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
+
+    def save(fig, name: str) -> Path:
+        fig.tight_layout()
+        path = out_dir / name
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
     q = [r for r in rows if r["bench"] == "quality" and r["method"] != "dense"]
     if q:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -218,11 +225,7 @@ def draw_plots(rows: list[dict[str, Any]], out_dir: Path | str) -> list[Path]:
         for ax in axes:
             ax.grid(alpha=0.3)
             ax.legend()
-        fig.tight_layout()
-        path = out_dir / "quality_vs_density.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(save(fig, "quality_vs_density.png"))
     tiny = _tiny_groups(rows)
     if tiny:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -234,11 +237,7 @@ def draw_plots(rows: list[dict[str, Any]], out_dir: Path | str) -> list[Path]:
         ax.set(xlabel="density", ylabel="PSNR vs dense (dB)", title="tiny model: fidelity vs density")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out_dir / "tiny_psnr_vs_density.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(save(fig, "tiny_psnr_vs_density.png"))
     k = [r for r in rows if r["bench"] == "kernel" and _is_gpu(r) and r.get("ms")]
     if k:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -256,11 +255,7 @@ def draw_plots(rows: list[dict[str, Any]], out_dir: Path | str) -> list[Path]:
         ax.set(xlabel="density", ylabel="speedup vs SDPA flash", title="kernel speedup vs density")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out_dir / "kernel_speedup.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(save(fig, "kernel_speedup.png"))
     e = [r for r in rows if r["bench"] == "e2e" and _is_gpu(r) and r.get("speedup_vs_dense")]
     if e and tiny:
         # fidelity of a method at its defaults: mean tiny-model PSNR of the row labelled with its name
@@ -274,11 +269,7 @@ def draw_plots(rows: list[dict[str, Any]], out_dir: Path | str) -> list[Path]:
         ax.axvline(30.0, color="grey", linestyle="--", linewidth=1)
         ax.set(xlabel="PSNR vs dense on the tiny model (dB)", ylabel="end-to-end speedup", title="speed vs fidelity")
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = out_dir / "pareto.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(save(fig, "pareto.png"))
     return written
 
 

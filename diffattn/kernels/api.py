@@ -33,6 +33,7 @@ _logged: set[str] = set()
 # The "torch" backend on CPU computes densely under the token mask while the mask (``LB*LH*Nq*Nk``
 # entries of the layout's broadcast shape) stays this small; 0 always gathers blocks.
 CPU_MASKED_MAX_ELEMENTS = 1 << 25
+_HAS_CPU_FLASH = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
 def log_once(key: str, message: str, level: int = logging.INFO) -> None:
@@ -185,7 +186,7 @@ def block_sparse_attention(
 
 
 def _use_masked_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockSparseLayout) -> bool:
-    if q.device.type != "cpu" or not hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+    if q.device.type != "cpu" or not _HAS_CPU_FLASH:
         return False
     if not (q.dtype == k.dtype == v.dtype) or v.shape[-1] != q.shape[-1]:
         return False

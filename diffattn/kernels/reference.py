@@ -147,7 +147,8 @@ def _additive_mask(layout: BlockSparseLayout, nq: int, nk: int, dtype: torch.dty
         keep = layout.to(device).to_token_mask(nq, nk)  # [LB, LH, Nq, Nk]
         bias = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, float("-inf"))
         per_layout.clear()  # one shape per layout is the common case; keep memory bounded
-        per_layout[key] = (bias, ~keep.any(-1))
+        empty = ~keep.any(-1)
+        per_layout[key] = (bias, empty if bool(empty.any()) else None)
     return per_layout[key]
 
 
@@ -169,7 +170,7 @@ def masked_cpu_attention(
     bias, empty = _additive_mask(layout, nq, nk, q.dtype, q.device)
     o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scale)
     lse = lse.float()
-    if bool(empty.any()):
+    if empty is not None:  # rows with nothing kept: zeros and -inf, as every backend returns
         o = o.masked_fill(empty[..., None], 0.0)
         lse = lse.masked_fill(empty, float("-inf"))
     return o, lse

@@ -21,20 +21,7 @@ from .base import AttentionMethod, AttnContext, MethodConfig, register_method
 
 __all__ = [
     "DenseConfig", "DenseMethod", "KernelCall", "VideoSparseMethod", "capture_kernel_calls", "kernel_attention",
-    "note_layout",
 ]
-
-# While a method plans the video part of a call with layout capture on, every layout it runs lands here
-# (the demo and plots show the last one: the sparse pattern actually computed).
-_captured: ContextVar[list | None] = ContextVar("diffattn_captured_layouts", default=None)
-
-
-def note_layout(layout: BlockSparseLayout) -> None:
-    """Report a layout a method is about to compute (no-op unless capture is on)."""
-    sink = _captured.get()
-    if sink is not None:
-        sink.append(layout)
-
 
 class KernelCall(NamedTuple):
     """One block-sparse kernel call a method made: the exact (possibly permuted) inputs and layout."""
@@ -52,13 +39,17 @@ _kernel_calls: ContextVar[list | None] = ContextVar("diffattn_kernel_calls", def
 @contextmanager
 def capture_kernel_calls() -> Iterator[list[KernelCall]]:
     """Collect every :class:`KernelCall` made inside the block (benchmarks replay them to time the kernel
-    on a method's real layouts). The list holds references to the inputs, not copies."""
+    on a method's real layouts; ``capture_layouts`` keeps the last one's block mask for plots). The list
+    holds references to the inputs, not copies. Nested blocks also report their calls to the outer one."""
+    outer = _kernel_calls.get()
     calls: list[KernelCall] = []
     token = _kernel_calls.set(calls)
     try:
         yield calls
     finally:
         _kernel_calls.reset(token)
+        if outer is not None:
+            outer.extend(calls)
 
 
 Backend = Literal["auto", "triton", "torch", "flex"]
@@ -93,7 +84,6 @@ def kernel_attention(
     scale: float | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    note_layout(layout)
     calls = _kernel_calls.get()
     if calls is not None:
         calls.append(KernelCall(q, k, v, layout, scale))
@@ -177,14 +167,11 @@ class VideoSparseMethod(AttentionMethod):
         vs, ts = ctx.video_slice(n), ctx.text_slice(n)
         qv, kv, vv = q[:, :, vs], k[:, :, vs], v[:, :, vs]
         if ctx.capture_layouts:
-            token = _captured.set([])
-            try:
+            # the demo and plots show the last layout computed: the sparse pattern actually run
+            with capture_kernel_calls() as seen:
                 o_v, lse_v = self.video_attention(qv, kv, vv, ctx)
-                seen = _captured.get()
-            finally:
-                _captured.reset(token)
             if seen:
-                ctx.record(block_mask=seen[-1].to_block_mask().cpu())
+                ctx.record(block_mask=seen[-1].layout.to_block_mask().cpu())
         else:
             o_v, lse_v = self.video_attention(qv, kv, vv, ctx)
         if ctx.text_len == 0:
