@@ -13,7 +13,8 @@ Each step draws a batch of fresh videos of one clip length at 64x64. Attention c
 square of the token count (256 tokens per frame), so most steps use short clips (1-3 frames) and the
 last ``--long-from`` share of the steps longer ones (5 and 9 frames, smaller batches) so the model sees
 every temporal offset of the default 9 frames. ``--jitter`` < 1 keeps each trajectory near the centre
-of the frame, so the prompt fixes where the shape is. The saved weights are an exponential moving
+of the frame, so the prompt fixes where the shape is; ``--lead`` instead translates the scenes and the
+position channels' origin together (see below); ``--directions`` restricts the motions trained on. The saved weights are an exponential moving
 average.
 
 Why those choices: a 64-channel transformer cannot carry the 48 noise values of a 4x4x3 patch through
@@ -52,10 +53,23 @@ of the prompted colour appear; stages 8-9 train on 5- and 9-frame clips only. Ab
 all; ``training.json`` in the asset folder has the last stage's loss curve and wall time.
 
 Not learned yet: moving the shape the way the prompt says. Given a noisy moving shape the model
-follows it, but from pure noise it draws the shape in place. Moving left and moving right need
-opposite uses of the frame channel, so that channel alone gives no gradient on average and the model
-has to learn its product with the direction word at once -- a much slower thing to learn (expect many
-thousands more long-clip steps; a GPU makes that minutes).
+follows it, but from pure noise it draws the shape in place, for every direction word. What is known:
+
+- The shipped model places the shape by sensing the frame edges through attention, not from the
+  position channels: moving the x channel's origin by 6.4 px moves the drawn shape 0.5 px. Motion would
+  have to be rebuilt on top of that. ``--lead`` (with ``--jitter 1``) draws scenes anywhere and moves the
+  coordinate origin with them, so only the channels say where the scene is: trained on "right"/"down"
+  clips at sigma = 1 (``--directions right,down``), the shape it draws then moved 1.3 px a frame after
+  150 steps (``--lead 0``), against 0.3 px without it (0.3 px also when the frame channel's weights
+  learned 4x or 16x faster: their learning rate is not the limit).
+- The text path has stopped telling directions apart: prompts that differ only in the direction word
+  encode within 5 % of each other (colour words: 57 %), and left/right/up/down give the same sigma = 1
+  prediction to 0.1 px. Left and right need opposite uses of the frame channel, so with all four
+  directions the channel's gradient cancels on average; a direction-dependent offset of the whole
+  trajectory (``--lead`` 5-8 px, a first-order signal) was not picked up in 500 steps either, even with
+  the text path's learning rate raised 10x, nor after 1,300 steps with the text path re-initialised.
+- So the next run should use ``--lead`` from the first step of a fresh model, while the text path still
+  carries the direction word, with many thousand steps of 5- and 9-frame clips (a GPU makes that minutes).
 
 Everything (data, init, sigma draws) is seeded; ``training.json`` in the output folder records the
 command, wall time and loss curve.
@@ -77,8 +91,10 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from diffattn.pipelines.tiny import (
+    DIRECTIONS,
     POSITION_CHANNELS,
     build_tiny_pipeline,
+    pixel_to_position,
     random_scenes,
     render_videos,
     scene_prompt,
@@ -97,17 +113,30 @@ TEMPLATES = (
 
 def make_batch(
     batch: int, choices: list[int], height: int, width: int, g: torch.Generator, drop: float,
-    radius: tuple[float, float], jitter: float = 1.0,
+    radius: tuple[float, float], jitter: float = 1.0, directions: list[str] | None = None,
+    lead: float | None = None,
 ):
+    """Videos in [-1, 1], their prompts, and with ``lead`` set the coordinate origin of each video
+    (``[B, 2]``): ``lead`` pixels behind the middle of its trajectory, so that the position channels, not
+    the frame edges, say where the scene is, and the prompt's direction alone moves its mean position."""
     frames = choices[int(torch.randint(len(choices), (), generator=g))]
-    scenes = random_scenes(batch, frames, height, width, g, radius=radius, jitter=jitter)
+    scenes = random_scenes(batch, frames, height, width, g, radius=radius, jitter=jitter, directions=directions)
+    origin = None
+    if lead is not None:
+        mid = (frames - 1) / 2
+        rows = []
+        for s in scenes:
+            dx, dy = DIRECTIONS[s.direction]
+            ahead = s.speed * mid - lead
+            rows.append([pixel_to_position(s.y + dy * ahead, height), pixel_to_position(s.x + dx * ahead, width)])
+        origin = torch.tensor(rows)
     videos = render_videos(scenes, frames, height, width, supersample=2) * 2 - 1
     prompts = []
     for s in scenes:
         template = TEMPLATES[int(torch.randint(len(TEMPLATES), (), generator=g))]
         text = template.format(color=s.color, shape=s.shape, direction=s.direction, background=s.background)
         prompts.append("" if float(torch.rand((), generator=g)) < drop else text)
-    return videos, prompts
+    return videos, prompts, origin
 
 
 def _add_position_inputs(model: WanTransformer3DModel) -> WanTransformer3DModel:
@@ -162,6 +191,17 @@ def main(argv: list[str] | None = None) -> int:
         help="noise-level distribution; logit-normal rarely draws sigma > 0.9, where sampling lays out the "
         "shapes; 'high' draws sqrt(uniform) (density 2 sigma), where the prompt alone decides the motion",
     )
+    p.add_argument(
+        "--directions", default="left,right,up,down",
+        help="motion directions to train on (a curriculum can start with 'right,down': motion that does not "
+        "cancel out on average teaches the model to use the frame channel at all)",
+    )
+    p.add_argument(
+        "--lead", type=float,
+        help="translation augmentation: draw scenes anywhere (use with --jitter 1) and move each video's "
+        "coordinate origin to this many pixels behind its trajectory's middle; at sampling time the origin "
+        "is the frame centre, so trajectories come out centred, shifted this far along the prompted direction",
+    )
     p.add_argument("--stop-after", type=int, help="stop (and save) after this many steps of the --steps schedule")
     args = p.parse_args(argv)
 
@@ -178,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {} if args.position_channels else {"in_channels": 3}
         pipe = build_tiny_pipeline(seed=args.seed, prediction_type=args.prediction, **overrides)
     model, text = pipe.transformer, pipe.text_encoder
+    directions = args.directions.split(",")
+    if args.lead is not None and model.config.in_channels == model.config.out_channels:
+        raise SystemExit("--lead moves the position channels' origin: drop --no-position-channels")
     model.train()
     text.train()
     params = list(model.parameters()) + list(text.parameters())
@@ -212,9 +255,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for step in range(min(args.stop_after or args.steps, args.steps)):
         phase_long = step >= long_start
-        x0, prompts = make_batch(
+        x0, prompts, origin = make_batch(
             args.long_batch if phase_long else args.batch, long if phase_long else short,
-            args.height, args.width, g, args.drop, radius, args.jitter,
+            args.height, args.width, g, args.drop, radius, args.jitter, directions, args.lead,
         )
         noise = torch.randn(x0.shape, generator=g)
         if args.sigma_dist == "uniform":
@@ -226,8 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         xt = (1 - sigma) * x0 + sigma * noise
         ids, lengths = text.tokenize(prompts)
         emb = text(ids, lengths)
-        pred = model(with_position_channels(xt, model.config.in_channels), sigma.flatten() * 1000, emb,
-                     return_dict=False)[0]
+        inputs = with_position_channels(xt, model.config.in_channels, origin=origin)
+        pred = model(inputs, sigma.flatten() * 1000, emb, return_dict=False)[0]
         if args.prediction == "velocity":
             loss = (pred - (noise - x0)).pow(2).mean()
         else:

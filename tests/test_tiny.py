@@ -15,6 +15,7 @@ from diffattn.pipelines.tiny import (
     load_pipeline,
     parse_prompt,
     random_scenes,
+    pixel_to_position,
     render_videos,
     position_channels,
     scene_prompt,
@@ -111,6 +112,42 @@ def test_scene_jitter_bounds_the_start_around_a_centred_trajectory(jitter):
         random_scenes(1, 9, 64, 64, jitter=1.5)
 
 
+def test_scene_directions_can_be_restricted():
+    scenes = random_scenes(30, 5, 64, 64, torch.Generator().manual_seed(5), directions=["right", "down"])
+    assert {s.direction for s in scenes} == {"right", "down"}
+    for bad in ([], ["sideways"]):
+        with pytest.raises(ValueError, match="directions"):
+            random_scenes(1, 5, 64, 64, directions=bad)
+
+
+def _train_tiny_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "train_tiny.py"
+    spec = importlib.util.spec_from_file_location("train_tiny", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_training_origin_sits_lead_pixels_behind_the_trajectory_middle():
+    make_batch = _train_tiny_module().make_batch
+    g = torch.Generator().manual_seed(6)
+    videos, prompts, origin = make_batch(8, [5], 64, 48, g, 0.0, (0.15, 0.19), 1.0, lead=6.0)
+    assert origin.shape == (8, 2)
+    frames = ((videos + 1) / 2).permute(0, 2, 3, 4, 1).numpy()  # [B, F, H, W, 3]
+    for video, prompt, o in zip(frames, prompts, origin.tolist()):
+        words = parse_prompt(prompt)
+        dx, dy = DIRECTIONS[words["direction"]]
+        cx, cy = _centroids(_coverage(video, words["color"], words["background"]))[2] + 0.5  # middle frame
+        # the middle of the trajectory, in the training coordinates, is `lead` pixels along the direction
+        along_x = (pixel_to_position(cx, 48) - o[1]) * (48 - 1) / 2
+        along_y = (pixel_to_position(cy, 64) - o[0]) * (64 - 1) / 2
+        assert (along_x, along_y) == pytest.approx((6.0 * dx, 6.0 * dy), abs=0.35)
+    assert make_batch(2, [3], 64, 64, g, 0.0, (0.15, 0.19))[2] is None  # no lead: frame-centred origin
+
+
 # ------------------------------------------------------------------------------------ text encoder
 def test_tokenizer_handles_unknown_words_case_punctuation_and_length(pipe):
     te = pipe.text_encoder
@@ -153,6 +190,13 @@ def test_position_channels():
     assert torch.equal(both[:, :3], lat) and torch.equal(both[:, 3:], pos)
     with pytest.raises(ValueError, match="position channels"):
         with_position_channels(lat, 5)
+    origin = torch.tensor([[0.0, 0.0], [0.5, -0.25]])
+    moved = with_position_channels(lat, 6, origin=origin)[:, 3:]
+    assert torch.equal(moved[0], pos[0]) and torch.equal(moved[1, 0], pos[1, 0])  # frame channel unchanged
+    assert torch.allclose(moved[1, 1], pos[1, 1] - 0.5) and torch.allclose(moved[1, 2], pos[1, 2] + 0.25)
+    assert pixel_to_position(0.5, 4) == -1 and pixel_to_position(3.5, 4) == 1
+    with pytest.raises(ValueError, match="origin"):
+        position_channels(2, 5, 4, 6, origin=torch.zeros(2, 3))
 
 
 def test_call_shapes_seeds_and_bad_sizes(pipe):

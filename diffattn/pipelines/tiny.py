@@ -142,6 +142,7 @@ def random_scenes(
     generator: torch.Generator | None = None,
     radius: tuple[float, float] = (0.15, 0.19),
     jitter: float = 1.0,
+    directions: Sequence[str] | None = None,
 ) -> list[Scene]:
     """``n`` random scenes whose whole trajectory over ``num_frames`` stays inside the frame.
 
@@ -149,9 +150,14 @@ def random_scenes(
     is the share of the free room the start position is drawn from, around the placement that centres
     the trajectory in the frame: 1 uses all of it, 0 always centres it (the prompt then fixes where the
     shape is, which a small model learns far faster than choosing a position itself).
+    ``directions`` restricts the motion to some keys of :data:`DIRECTIONS` (default: all).
     """
     if not 0.0 <= jitter <= 1.0:
         raise ValueError(f"jitter must be in [0, 1], got {jitter}")
+    directions = list(DIRECTIONS) if directions is None else list(directions)
+    unknown = [d for d in directions if d not in DIRECTIONS]
+    if unknown or not directions:
+        raise ValueError(f"directions must be a non-empty subset of {list(DIRECTIONS)}, got {directions}")
     g = generator
 
     def uniform(lo: float, hi: float) -> float:
@@ -166,7 +172,7 @@ def random_scenes(
     for _ in range(n):
         color = choice(colors)
         background = choice([c for c in colors if c != color])
-        direction = choice(list(DIRECTIONS))
+        direction = choice(directions)
         dx, dy = DIRECTIONS[direction]
         radius = uniform(*radius_range) * min(height, width)
         along = width if dx else height
@@ -310,22 +316,40 @@ PREDICTION_TYPES = ("velocity", "sample")
 POSITION_CHANNELS = 3
 
 
-def position_channels(batch: int, frames: int, height: int, width: int, device=None) -> torch.Tensor:
+def position_channels(
+    batch: int, frames: int, height: int, width: int, device=None, origin: torch.Tensor | None = None
+) -> torch.Tensor:
     """Absolute position of every pixel, ``[B, 3, F, H, W]``: frame offset from the clip's middle (in units
     of 4 frames), then y and x in [-1, 1].
 
     Wan's transformer only knows relative positions (RoPE) and its patch embedding has no padding, so on
     its own it cannot tell the centre of the frame from an edge; the tiny model gets these as extra
-    input channels (its ``in_channels`` is ``out_channels + 3``).
+    input channels (its ``in_channels`` is ``out_channels + 3``). ``origin`` (``[B, 2]``, (y, x) in the
+    same units) moves each video's coordinate origin there from the frame centre; training uses it to
+    tell the model where a translated scene is centred.
     """
     t = (torch.arange(frames, dtype=torch.float32, device=device) - (frames - 1) / 2) / 4
     y = torch.linspace(-1, 1, height, device=device)
     x = torch.linspace(-1, 1, width, device=device)
     grid = torch.stack(torch.meshgrid(t, y, x, indexing="ij"))  # [3, F, H, W]
-    return grid.unsqueeze(0).expand(batch, -1, -1, -1, -1)
+    grid = grid.unsqueeze(0).expand(batch, -1, -1, -1, -1)
+    if origin is None:
+        return grid
+    if tuple(origin.shape) != (batch, 2):
+        raise ValueError(f"origin must have shape ({batch}, 2), got {tuple(origin.shape)}")
+    shift = torch.zeros(batch, 3, 1, 1, 1, dtype=grid.dtype, device=grid.device)
+    shift[:, 1:] = origin.to(grid).view(batch, 2, 1, 1, 1)
+    return grid - shift
 
 
-def with_position_channels(latents: torch.Tensor, in_channels: int) -> torch.Tensor:
+def pixel_to_position(coordinate: float, size: int) -> float:
+    """The position-channel value (linspace(-1, 1, size)) at ``coordinate`` in pixels (pixel centres at i + 0.5)."""
+    return -1 + 2 * (coordinate - 0.5) / (size - 1)
+
+
+def with_position_channels(
+    latents: torch.Tensor, in_channels: int, origin: torch.Tensor | None = None
+) -> torch.Tensor:
     """The transformer input: ``latents`` plus :func:`position_channels` when the model takes them."""
     extra = in_channels - latents.shape[1]
     if extra == 0:
@@ -336,7 +360,8 @@ def with_position_channels(latents: torch.Tensor, in_channels: int) -> torch.Ten
             f"expected equal counts or {POSITION_CHANNELS} position channels more"
         )
     b, _, f, h, w = latents.shape
-    return torch.cat([latents, position_channels(b, f, h, w, latents.device).to(latents.dtype)], dim=1)
+    pos = position_channels(b, f, h, w, latents.device, origin=origin)
+    return torch.cat([latents, pos.to(latents.dtype)], dim=1)
 
 
 class TinyVideoPipeline(DiffusionPipeline):
