@@ -68,8 +68,9 @@ follows it, but from pure noise it draws the shape in place, for every direction
   directions the channel's gradient cancels on average; a direction-dependent offset of the whole
   trajectory (``--lead`` 5-8 px, a first-order signal) was not picked up in 500 steps either, even with
   the text path's learning rate raised 10x, nor after 1,300 steps with the text path re-initialised.
-- So the next run should use ``--lead`` from the first step of a fresh model, while the text path still
-  carries the direction word, with many thousand steps of 5- and 9-frame clips (a GPU makes that minutes).
+- A fresh model with ``--lead 4 --jitter 1`` from its first step learned backgrounds and colours within
+  1,500 steps but still ignored the direction word at step 3,600 (20 CPU minutes). The next run should
+  go on far longer (tens of thousands of steps of 5- and 9-frame clips: a GPU makes that minutes).
 
 Everything (data, init, sigma draws) is seeded; ``training.json`` in the output folder records the
 command, wall time and loss curve.
