@@ -14,8 +14,8 @@ square of the token count (256 tokens per frame), so most steps use short clips 
 last ``--long-from`` share of the steps longer ones (5 and 9 frames, smaller batches) so the model sees
 every temporal offset of the default 9 frames. ``--jitter`` < 1 keeps each trajectory near the centre
 of the frame, so the prompt fixes where the shape is; ``--lead`` instead translates the scenes and the
-position channels' origin together (see below); ``--directions`` restricts the motions trained on. The saved weights are an exponential moving
-average.
+position channels' origin together (see below); ``--directions`` restricts the motions trained on.
+The saved weights are an exponential moving average.
 
 Why those choices: a 64-channel transformer cannot carry the 48 noise values of a 4x4x3 patch through
 to a velocity output, so velocity samples stayed speckled; logit-normal noise levels rarely train the

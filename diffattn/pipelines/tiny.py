@@ -329,8 +329,8 @@ def position_channels(
     tell the model where a translated scene is centred.
     """
     t = (torch.arange(frames, dtype=torch.float32, device=device) - (frames - 1) / 2) / 4
-    y = torch.linspace(-1, 1, height, device=device)
-    x = torch.linspace(-1, 1, width, device=device)
+    y = pixel_to_position(torch.arange(height, dtype=torch.float32, device=device) + 0.5, height)
+    x = pixel_to_position(torch.arange(width, dtype=torch.float32, device=device) + 0.5, width)
     grid = torch.stack(torch.meshgrid(t, y, x, indexing="ij"))  # [3, F, H, W]
     grid = grid.unsqueeze(0).expand(batch, -1, -1, -1, -1)
     if origin is None:
@@ -342,8 +342,9 @@ def position_channels(
     return grid - shift
 
 
-def pixel_to_position(coordinate: float, size: int) -> float:
-    """The position-channel value (linspace(-1, 1, size)) at ``coordinate`` in pixels (pixel centres at i + 0.5)."""
+def pixel_to_position(coordinate, size: int):
+    """The y/x position-channel value at ``coordinate`` pixels (a float or tensor; pixel ``i`` is centred at
+    ``i + 0.5``): -1 at the first pixel's centre, 1 at the last one's."""
     return -1 + 2 * (coordinate - 0.5) / (size - 1)
 
 
