@@ -1,7 +1,8 @@
 """The ``diffattn`` command (also ``python -m diffattn``).
 
 Subcommands: ``methods`` (list the attention methods), ``generate`` (batch video generation with a
-method, timed and compared to dense). Each subcommand is one ``_add_<name>`` function that builds its
+method, timed and compared to dense), ``demo`` (the Gradio app), ``bench`` (benchmarks) and ``draw``
+(a method's attention pattern as an image). Each subcommand is one ``_add_<name>`` function that builds its
 parser and sets ``handler``; heavy imports happen inside the handler, so ``--help`` stays fast.
 """
 
@@ -168,6 +169,38 @@ def _run_bench(args, parser) -> int:
     return result if isinstance(result, int) else 0
 
 
+# ----------------------------------------------------------------------------------------------- draw
+_PATTERNS = {
+    "radial": "Radial's static block mask for a video shape",
+    "gna": "a generalized neighborhood attention window and its tile layout",
+    "adaspa": "AdaSpa's per-head block masks on synthetic DiT-like attention",
+    "paro": "PARO's per-head permutation and block mask on synthetic attention",
+    "tome": "the token-merging partition of a latent grid",
+}
+_PATTERN_MODULES = {"radial": "radial", "gna": "neighborhood", "adaspa": "adaspa", "paro": "paro", "tome": "tome"}
+
+
+def _add_draw(sub) -> None:
+    p = sub.add_parser(
+        "draw",
+        help="draw a method's attention pattern to an image: " + ", ".join(_PATTERNS),
+        description="Draw an attention pattern; arguments after its name go to it "
+        "(e.g. `diffattn draw radial --help`).\n" + "\n".join(f"  {k:8s} {v}" for k, v in _PATTERNS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("which", choices=sorted(_PATTERNS))
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(handler=_run_draw)
+
+
+def _run_draw(args, parser) -> int:
+    import importlib
+
+    module = importlib.import_module(f"diffattn.patterns.{_PATTERN_MODULES[args.which]}")
+    module.main(args.args, prog=f"diffattn draw {args.which}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- main
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(
@@ -178,6 +211,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     _add_generate(sub)
     _add_demo(sub)
     _add_bench(sub)
+    _add_draw(sub)
     return parser, sub.choices
 
 

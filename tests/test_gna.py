@@ -11,7 +11,6 @@ from diffattn.kernels.reference import dense_masked_attention
 from diffattn.methods import AttnContext
 from diffattn.methods.gna import GNAConfig, GNAMethod
 from diffattn.patterns.neighborhood import (
-    _main,
     fit_to_grid,
     gna_plan,
     gna_simulate,
@@ -234,9 +233,12 @@ def test_config_checks_and_presets():
 
 
 def test_command_line_draws_a_pattern(tmp_path, capsys):
+    from diffattn import cli
+
     out = tmp_path / "na.png"
-    _main(["--shape", "6", "8", "8", "--kernel", "3", "5", "5", "--tile", "2", "4", "4", "--block-size", "32",
-           "--query", "0", "3", "7", "--causal", "1", "0", "0", "--out", str(out)])
+    argv = ["--shape", "6", "8", "8", "--kernel", "3", "5", "5", "--tile", "2", "4", "4", "--block-size", "32",
+            "--query", "0", "3", "7", "--causal", "1", "0", "0", "--out", str(out)]
+    assert cli.main(["draw", "gna", *argv]) == 0
     assert out.stat().st_size > 1000
     assert "speedup bound" in capsys.readouterr().out
 

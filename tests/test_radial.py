@@ -10,7 +10,6 @@ from diffattn.kernels.reference import dense_masked_attention
 from diffattn.methods import AttnContext
 from diffattn.methods.radial import RadialConfig, RadialMethod
 from diffattn.patterns.radial import (
-    _main,
     block_mask_to_layout,
     radial_block_mask,
     radial_layout,
@@ -282,8 +281,11 @@ def test_triton_interpreter_matches_reference():
 
 
 def test_command_line_draws_a_mask(tmp_path, capsys):
+    from diffattn import cli
+
     out = tmp_path / "radial.png"
-    _main(["--frames", "9", "--tokens-per-frame", "60", "--pattern-block", "16", "--token-panel", "--out", str(out)])
+    argv = ["--frames", "9", "--tokens-per-frame", "60", "--pattern-block", "16", "--token-panel", "--out", str(out)]
+    assert cli.main(["draw", "radial", *argv]) == 0
     assert out.stat().st_size > 1000
     assert "density" in capsys.readouterr().out
 

@@ -155,9 +155,9 @@ def plan_adaspa(
     return mask, {"sparsity": per_head, "recall": block_recall(mass, mask), "density": density}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     """Draw AdaSpa's block masks for synthetic DiT-like attention (one panel per head)."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser = argparse.ArgumentParser(prog=prog, description=main.__doc__)
     parser.add_argument("--out", required=True, help="PNG file to write")
     parser.add_argument("--grid", type=int, nargs=3, default=(4, 16, 16), metavar=("F", "H", "W"))
     parser.add_argument("--heads", type=int, default=4)

@@ -27,7 +27,7 @@ block is only partly inside the neighbourhoods, so the result is exact.
 >>> round(plan.stats["speedup_upper_bound"], 2) > 1
 True
 
-Draw one: ``python -m diffattn.patterns.neighborhood --shape 8 12 12 --kernel 3 5 5 --out na.png``.
+Draw one: ``diffattn draw gna --shape 8 12 12 --kernel 3 5 5 --out na.png``.
 """
 
 from __future__ import annotations
@@ -370,8 +370,8 @@ def gna_simulate(shape, kernel_size, stride=1, dilation=1, is_causal=False, tile
     return dict(gna_plan(shape, kernel_size, stride, dilation, is_causal, tile_shape, block_size).stats)
 
 
-def _main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m diffattn.patterns.neighborhood", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     ap.add_argument("--shape", type=int, nargs="+", default=[8, 12, 12], help="grid, 1 to 3 axes")
     ap.add_argument("--preset", choices=sorted(PRESETS), help="window family (kernel and stride)")
     ap.add_argument("--kernel", type=int, nargs="+", help="kernel_size per axis")
@@ -423,4 +423,4 @@ def _main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    _main()
+    main()

@@ -169,9 +169,9 @@ def calibrate_paro(
     return chosen, mask, {"scores": torch.stack(scores), "recall": recall}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     """Draw PARO's block masks for synthetic DiT-like attention: per head, frame-major vs its order."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser = argparse.ArgumentParser(prog=prog, description=main.__doc__)
     parser.add_argument("--out", required=True, help="PNG file to write")
     parser.add_argument("--grid", type=int, nargs=3, default=(4, 16, 16), metavar=("F", "H", "W"))
     parser.add_argument("--heads", type=int, default=4)

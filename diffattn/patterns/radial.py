@@ -34,7 +34,7 @@ and cached per shape.
 >>> m.shape, bool(m.diagonal().all())
 (torch.Size([24, 24]), True)
 
-Draw one: ``python -m diffattn.patterns.radial --frames 21 --tokens-per-frame 1560 --out mask.png``.
+Draw one: ``diffattn draw radial --frames 21 --tokens-per-frame 1560 --out mask.png``.
 """
 
 from __future__ import annotations
@@ -336,8 +336,8 @@ def layout_cache_hits() -> int:
     return _radial_layout_cached.cache_info().hits
 
 
-def _main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m diffattn.patterns.radial", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     ap.add_argument("--frames", type=int, default=21, help="latent frames (Wan 81 video frames -> 21)")
     ap.add_argument("--tokens-per-frame", type=int, default=1560, help="latent tokens per frame (Wan 480p: 1560)")
     ap.add_argument("--decay-factor", type=float, default=0.2)
@@ -363,4 +363,4 @@ def _main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    _main()
+    main()

@@ -27,7 +27,7 @@ comes back bit-exactly. Several merges of different strength can share one :clas
 >>> tm.merge(x).shape, tm.unmerge(tm.merge(x)).shape
 (torch.Size([2, 3, 40, 5]), torch.Size([2, 3, 64, 5]))
 
-Draw one: ``python -m diffattn.patterns.tome --grid 32 32 --stride 4 4 --ratio 0.4 --out tome.png``.
+Draw one: ``diffattn draw tome --grid 32 32 --stride 4 4 --ratio 0.4 --out tome.png``.
 """
 
 from __future__ import annotations
@@ -276,8 +276,8 @@ def smooth_features(grid: tuple[int, int], channels: int = 16, detail: int = 4, 
     return field.flatten(2).transpose(1, 2)
 
 
-def _main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m diffattn.patterns.tome", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     ap.add_argument("--grid", type=int, nargs=2, default=(32, 32), metavar=("H", "W"))
     ap.add_argument("--stride", type=int, nargs=2, default=(4, 4), metavar=("SY", "SX"))
     ap.add_argument("--ratio", type=float, default=0.4, help="fraction of tokens merged away (AgentSD: 0.4)")
@@ -307,8 +307,7 @@ def _main(argv: list[str] | None = None) -> None:
     ys, xs = m.dst // grid[1], m.dst % grid[1]
     axes[0].scatter(xs, ys, s=4, c="white", marker="x")
     axes[0].set_title(f"metric (3 channels), destinations x (stride {stride})", fontsize=9)
-    cmap = plt.get_cmap("tab20").copy()
-    cmap.set_bad("black")
+    cmap = plt.get_cmap("tab20").with_extremes(bad="black")
     for ax, (title, image) in zip(axes[1:], panels):
         ax.imshow(image.numpy(), cmap=cmap, interpolation="nearest")
         ax.set_title(f"{title}\n(colour = merged group, black = kept as is)", fontsize=9)
@@ -322,4 +321,4 @@ def _main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    _main()
+    main()
