@@ -79,9 +79,10 @@ def test_report_renders_tables_and_plots(tmp_path):
     search = {**gpu_kernel, "layout": "adaspa", "backend": "search", "density": 0.2, "ms": 1.5, "tflops": None}
     tiny = [{"bench": "tiny", "label": "radial", "method": "radial", "config": {"decay_factor": 0.2},
              "frames": 9, "height": 64, "width": 64, "steps": 20, "density": 0.7, "psnr": p, "identical": False,
-             "ssim": 0.99, "device": "cpu", "commit": "abc"} for p in (31.0, 33.0)]
+             "ssim": 0.99, "device": "cpu", "commit": "abc", "speed": v, "dense_speed": 3.0}
+            for p, v in ((31.0, 2.5), (33.0, 3.0))]
     tiny.append({**tiny[0], "label": "gna", "method": "gna", "config": {}, "psnr": None, "identical": True,
-                 "ssim": 1.0})
+                 "ssim": 1.0, "speed": None})  # rows without a speed (older rows) show "-"
     e2e = {"bench": "e2e", "device": "NVIDIA H100", "device_type": "cuda", "model": "wan", "method": "radial",
            "total_s": 10.0, "speedup_vs_dense": 1.8, "attention_share": 0.7, "density": 0.34}
     lines = (quality, gpu_kernel, sdpa, radial_kernel, search, *tiny, e2e)
@@ -94,8 +95,8 @@ def test_report_renders_tables_and_plots(tmp_path):
     assert "| NVIDIA H100 | wan | bf16 | random | triton | 0.20 | 2.00 | 300 |" in text
     assert "| NVIDIA H100 | wan | bf16 | radial | triton | 0.34 | 3.00 | 200 |" in text
     assert "| NVIDIA H100 | wan | bf16 | adaspa | search | 0.20 | 1.50 | - |" in text
-    assert "| radial | defaults | 2 | 0.700 | 32.0 (31.0) | 0.9900 |" in text
-    assert "| gna | defaults | 1 | 0.700 | ∞ (identical) | 1.0000 |" in text
+    assert "| radial | defaults | 2 | 0.700 | 32.0 (31.0) | 0.9900 | 2.75 (3.00) |" in text
+    assert "| gna | defaults | 1 | 0.700 | ∞ (identical) | 1.0000 | - |" in text
     assert "End-to-end" in text and "UNet speed" in text and "not yet measured on a GPU" in text
     assert (results / "plots" / "quality_vs_density.png").stat().st_size > 0
     assert (results / "plots" / "kernel_speedup.png").stat().st_size > 0
@@ -143,6 +144,7 @@ def test_tiny_bench_rows(tmp_path):
         assert r["config"]["method"] == r["method"] and r["steps"] == 2
         assert -1.0 <= r["ssim"] <= 1.0 and r["seconds"] > 0
         assert r["density"] is not None and r["density"] > 0
+        assert math.isfinite(r["speed"]) and math.isfinite(r["dense_speed"]) and math.isfinite(r["drift"])
     radial, gna, agent = rows
     assert math.isfinite(radial["psnr"]) and not radial["identical"]
     # GNA's default window covers the whole 5x8x8 grid: dense up to float rounding

@@ -108,10 +108,11 @@ def _tiny_table(rows: list[dict[str, Any]]) -> list[str]:
         + (" (GNA's is its layout's share after padding the grid to whole 4×8×8 tiles: on a grid its window "
            "covers, as here with the defaults, that is all the real work of dense attention)"
            if "gna" in groups else "")
-        + ".",
+        + ". Speed is the shape's fitted speed along the prompted direction in the method's videos, in px a "
+        "frame, with the dense videos' in brackets (the training videos move 2.9-3.5).",
         "",
-        "| method | config | prompts | density | PSNR mean (min) dB | SSIM mean |",
-        "|---|---|---|---|---|---|",
+        "| method | config | prompts | density | PSNR mean (min) dB | SSIM mean | speed (dense) px/frame |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label, rs in sorted(groups.items(), key=lambda kv: -_mean([_tiny_psnr(r) for r in kv[1]])):
         psnrs = [_tiny_psnr(r) for r in rs]
@@ -123,9 +124,12 @@ def _tiny_table(rows: list[dict[str, Any]]) -> list[str]:
             config = "DiT layout (experimental)"
         else:
             config = "defaults" if label == rs[0]["method"] else _cfg_label(rs[0])
+        speeds = [r["speed"] for r in rs if r.get("speed") is not None]
+        dense_speeds = [r["dense_speed"] for r in rs if r.get("dense_speed") is not None]
+        speed = f"{_mean(speeds):.2f} ({_mean(dense_speeds):.2f})" if speeds and dense_speeds else "-"
         out.append(
             f"| {name} | {config} | {len(rs)} | {density} | {shown} | "
-            f"{_mean([r['ssim'] for r in rs]):.4f} |"
+            f"{_mean([r['ssim'] for r in rs]):.4f} | {speed} |"
         )
     return out
 

@@ -4,9 +4,11 @@ The embedded model (:mod:`diffattn.pipelines.tiny`, a trained 4-layer ``WanTrans
 each prompt once densely and once per method with the same seed; every method runs at its defaults
 (agent attention with its DiT layout). At the default 9x64x64 the latent grid is 9x16x16, which GNA's
 default window (12, 24, 24) covers whole: there GNA equals dense, so a smaller window is measured too.
+Each row also has the shape's speed along the prompted direction in the method's and the dense video
+(px per frame, :func:`diffattn.pipelines.tiny.measure_motion`): whether the method kept the motion.
 One JSON row per (method, prompt), written as soon as it is measured.
 
-    diffattn bench tiny                              # 3 prompts, 9x64x64, the pipeline's 20 steps
+    diffattn bench tiny                              # 4 prompts, 9x64x64, the pipeline's 20 steps
     diffattn bench tiny --prompts 1 --frames 5 --size 32 --steps 4 --out /tmp/tiny.jsonl   # smoke run
 """
 
@@ -28,6 +30,7 @@ PROMPTS = (
     "a red circle moving right on a blue background",
     "a yellow square moving down on a purple background",
     "a white triangle moving left on a green background",
+    "a green circle moving up on a black background",
 )
 # label -> (method, config fields besides its defaults); agent needs the DiT token layout
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -53,7 +56,7 @@ def _generate(pipe, prompt: str, seed: int, frames: int, size: int, steps: int |
     return _frames_of(out), time.perf_counter() - start
 
 
-def run(prompts: int = 3, frames: int = 9, size: int = 64, steps: int | None = None,
+def run(prompts: int = 4, frames: int = 9, size: int = 64, steps: int | None = None,
         methods: list[str] | None = None, seed: int = 0, env: dict | None = None,
         out: Path | None = None) -> list[dict[str, Any]]:
     """One row per (method, prompt) with PSNR/SSIM against the dense video of the same prompt and seed
@@ -61,13 +64,14 @@ def run(prompts: int = 3, frames: int = 9, size: int = 64, steps: int | None = N
     ``identical = True`` (JSON has no infinity)."""
     import diffattn
     from diffattn.pipelines.metrics import psnr, ssim
-    from diffattn.pipelines.tiny import load_pipeline
+    from diffattn.pipelines.tiny import load_pipeline, measure_motion
 
     env = env or environment("cpu")
     pipe = load_pipeline("tiny", dtype=torch.float32, device="cpu")
     rows: list[dict[str, Any]] = []
     for index, prompt in enumerate(PROMPTS[:prompts]):
         reference, dense_s = _generate(pipe, prompt, seed + index, frames, size, steps)
+        dense_motion = measure_motion(reference, prompt)
         for label in methods or list(METHODS):
             method, fields = METHODS[label]
             config = diffattn.apply(pipe, method, min_tokens=0, **fields)
@@ -77,6 +81,7 @@ def run(prompts: int = 3, frames: int = 9, size: int = 64, steps: int | None = N
             finally:
                 diffattn.remove(pipe)
             value = float(psnr(video, reference))
+            motion = measure_motion(video, prompt)
             rows.append({
                 "bench": "tiny", **{k: v for k, v in env.items() if k != "device"}, "device": "cpu",
                 "label": label, "method": method, "config": json.loads(config.to_json()),
@@ -84,12 +89,15 @@ def run(prompts: int = 3, frames: int = 9, size: int = 64, steps: int | None = N
                 "steps": steps or pipe_default_steps(pipe), "density": summary.get("density"),
                 "psnr": value if math.isfinite(value) else None, "identical": not math.isfinite(value),
                 "ssim": float(ssim(video, reference)), "seconds": seconds, "dense_seconds": dense_s,
+                "speed": motion["speed"], "drift": motion["drift"],
+                "dense_speed": dense_motion["speed"], "dense_drift": dense_motion["drift"],
             })
             if out is not None:
                 write_rows(rows[-1:], out)
             shown = "identical" if rows[-1]["identical"] else f"{value:.2f} dB"
             print(f"{label:10s} prompt {index}: PSNR {shown}  SSIM {rows[-1]['ssim']:.4f}  "
-                  f"density {rows[-1]['density']}  {seconds:.1f}s (dense {dense_s:.1f}s)", flush=True)
+                  f"density {rows[-1]['density']}  speed {motion['speed']:+.2f} px/frame (dense "
+                  f"{dense_motion['speed']:+.2f})  {seconds:.1f}s (dense {dense_s:.1f}s)", flush=True)
     return rows
 
 
@@ -102,7 +110,7 @@ def pipe_default_steps(pipe) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--prompts", type=int, default=3, help="how many built-in prompts (1-3)")
+    ap.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"how many built-in prompts (1-{len(PROMPTS)})")
     ap.add_argument("--frames", type=int, default=9)
     ap.add_argument("--size", type=int, default=64, help="height = width in pixels")
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
@@ -110,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON-lines file to append to (default benchmarks/results/...)")
     a = ap.parse_args(argv)
+    if not 1 <= a.prompts <= len(PROMPTS):
+        ap.error(f"--prompts {a.prompts}: choose 1 to {len(PROMPTS)} (the built-in prompts)")
     env = environment("cpu")
     out = Path(a.out) if a.out else default_output("tiny", env)
     rows = run(a.prompts, a.frames, a.size, a.steps, a.methods, a.seed, env, out)

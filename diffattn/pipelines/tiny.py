@@ -7,7 +7,8 @@ CPU. This module holds the three pieces that make one:
   or down over a plain background, described by a short prompt such as
   ``"a red circle moving left on a blue background"`` (:func:`random_scenes`, :func:`render_videos`);
 * :class:`TinyTextEncoder`, a word-level encoder (own vocabulary, no tokenizer download; unknown
-  words map to ``<unk>``) trained together with the transformer;
+  words map to ``<unk>``; a GRU over the sentence plus each word's own embedding) trained together
+  with the transformer;
 * :class:`TinyVideoPipeline`, a :class:`~diffusers.DiffusionPipeline` around Diffusers' own
   :class:`~diffusers.WanTransformer3DModel` working directly in pixel space (3 channels, patch
   ``(1, 4, 4)``: 9 frames of 64x64 px are a 9x16x16 grid of 2304 video tokens, head dim 32), sampled
@@ -56,6 +57,7 @@ __all__ = [
     "render_videos",
     "scene_prompt",
     "parse_prompt",
+    "measure_motion",
     "TinyTextEncoder",
     "TinyVideoPipeline",
     "TinyVideoPipelineOutput",
@@ -132,6 +134,42 @@ def parse_prompt(prompt: str) -> dict[str, str]:
         elif w in DIRECTIONS:
             found.setdefault("direction", w)
     return found
+
+
+def measure_motion(video: np.ndarray | torch.Tensor, prompt: str) -> dict[str, Any]:
+    """How the prompted shape moves in ``video`` (``[F, H, W, 3]`` in [0, 1], e.g. a pipeline output).
+
+    The shape is found by projecting each pixel onto the line from the prompt's background colour to its
+    shape colour (so anti-aliased edges count by their coverage); its per-frame centroid gives a fitted
+    speed along the prompt's direction and across it, in pixels per frame (positive = the prompted way).
+
+    Returns:
+        ``{"centroids": [F, 2] (x, y), "speed": along the direction, "drift": across it}``; the speeds
+        are None when the prompt does not name a colour, a background and a direction.
+    """
+    frames = torch.as_tensor(np.asarray(video), dtype=torch.float32)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"video must be [frames, height, width, 3], got shape {tuple(frames.shape)}")
+    words = parse_prompt(prompt)
+    if not {"color", "background", "direction"} <= set(words):
+        return {"centroids": None, "speed": None, "drift": None}
+    fg = torch.tensor(COLORS[words["color"]], dtype=torch.float32) / 255
+    bg = torch.tensor(COLORS[words["background"]], dtype=torch.float32) / 255
+    d = fg - bg
+    cover = (((frames - bg) @ d) / (d @ d)).clamp(0, 1)  # [F, H, W]
+    ys = torch.arange(frames.shape[1], dtype=torch.float32).view(1, -1, 1)
+    xs = torch.arange(frames.shape[2], dtype=torch.float32).view(1, 1, -1)
+    mass = cover.sum((1, 2)).clamp(min=1e-6)
+    cent = torch.stack([(cover * xs).sum((1, 2)) / mass, (cover * ys).sum((1, 2)) / mass], dim=1)  # [F, 2]
+    along = torch.tensor(DIRECTIONS[words["direction"]], dtype=torch.float32)
+    across = along.flip(0)
+    t = torch.arange(len(cent), dtype=torch.float32)
+    t = t - t.mean()
+
+    def slope(v: torch.Tensor) -> float:
+        return float((t * (v - v.mean())).sum() / (t * t).sum()) if len(v) > 1 else 0.0
+
+    return {"centroids": cent.numpy(), "speed": slope(cent @ along), "drift": slope(cent @ across)}
 
 
 def random_scenes(
@@ -232,7 +270,7 @@ def render_videos(
 
 # -------------------------------------------------------------------------------------- text encoder
 class TinyTextEncoder(ModelMixin, ConfigMixin):
-    """Word-level prompt encoder: embedding + bidirectional GRU + projection.
+    """Word-level prompt encoder: embedding + bidirectional GRU + projection (+ each word's own embedding).
 
     Prompts are lower-cased and split into words; words outside ``vocab`` become ``<unk>``; at most
     ``max_length`` words are kept. Like Wan's T5 embeddings, positions past the prompt are zeros, so
@@ -244,6 +282,9 @@ class TinyTextEncoder(ModelMixin, ConfigMixin):
         embed_dim: word embedding width.
         hidden_dim: GRU width per direction.
         out_dim: output width (the transformer's ``text_dim``).
+        word_skip: also add a per-word embedding straight to each output position, so every token keeps
+            its word's identity however the GRU mixes the sentence (the transformer's cross-attention can
+            then find e.g. the direction word by itself).
     """
 
     @register_to_config
@@ -254,6 +295,7 @@ class TinyTextEncoder(ModelMixin, ConfigMixin):
         embed_dim: int = 64,
         hidden_dim: int = 64,
         out_dim: int = 64,
+        word_skip: bool = False,
     ) -> None:
         super().__init__()
         if list(vocab[:2]) != ["<pad>", "<unk>"]:
@@ -263,6 +305,7 @@ class TinyTextEncoder(ModelMixin, ConfigMixin):
         self.rnn = nn.GRU(embed_dim, hidden_dim, batch_first=True, bidirectional=True)
         self.proj = nn.Linear(2 * hidden_dim, out_dim)
         self.norm = nn.LayerNorm(out_dim)
+        self.word = nn.Embedding(len(vocab), out_dim, padding_idx=0) if word_skip else None
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids ``[B, max_length]`` (int64, 0 = padding) and lengths ``[B]``."""
@@ -292,6 +335,8 @@ class TinyTextEncoder(ModelMixin, ConfigMixin):
             h, _ = self.rnn(packed)
             h, _ = nn.utils.rnn.pad_packed_sequence(h, batch_first=True, total_length=n)
             h = self.norm(self.proj(h))
+            if self.word is not None:
+                h = h + self.word(ids[keep])
             valid = torch.arange(n, device=ids.device)[None, :] < lengths[keep].to(ids.device)[:, None]
             out[keep] = h * valid[..., None]
         return out
