@@ -19,58 +19,47 @@ The saved weights are an exponential moving average.
 
 Why those choices: a 64-channel transformer cannot carry the 48 noise values of a 4x4x3 patch through
 to a velocity output, so velocity samples stayed speckled; logit-normal noise levels rarely train the
-high-noise steps where the layout is decided; and RoPE (relative) with an unpadded patch embedding
-leaves the model unable to tell the frame centre from an edge, so it scattered the shape over the frame.
+high-noise steps where the layout and the motion are decided; RoPE (relative) with an unpadded patch
+embedding leaves the model unable to tell the frame centre from an edge, so it scattered the shape over
+the frame; and two things were needed for the prompt's direction word to move the shape:
 
-The shipped weights were made in these stages on a 2-core CPU (each ``--init`` continues the previous
-output; ``--stop-after`` marks where a stage was stopped, at a saved checkpoint). The first three
-predate the fixes above, hence their flags:
+- ``--lead`` with ``--jitter 1``: scenes are drawn anywhere in the frame and each video's coordinate
+  origin (the position channels) moves with its scene, so only the channels -- not the frame edges --
+  say where the scene is. A model that places shapes by sensing the frame edges (as earlier weights did:
+  moving their x channel's origin by 6.4 px moved the drawn shape 0.5 px) cannot move them per frame;
+  one placing them by the channels can (x - speed * t is linear in the channels). The origin sits
+  ``--lead`` px behind the trajectory's middle, so the direction word also shifts the whole trajectory:
+  a first-order signal that teaches the text path to carry the direction early.
+- ``--word-skip``: the text encoder adds each word's own embedding to its output, so the direction word
+  reaches cross-attention as itself. Without it, prompts differing only in the direction word encoded
+  within 5 % of each other (colour words: 57 %) and left/right/up/down gave the same prediction.
 
-    OLD="--prediction velocity --no-position-channels --sigma-dist logit-normal"
-    python scripts/train_tiny.py $OLD --steps 800 --batch 6 --radius 0.12,0.16 --stop-after 600 --seed 0 \
-        --out /tmp/tiny-1                                                              # 1478 s, loss 0.094
-    python scripts/train_tiny.py $OLD --init /tmp/tiny-1 --steps 350 --lr 1e-3 --warmup 20 --long-from 0.8 \
-        --long-frames 9 --seed 1 --out /tmp/tiny-2                                     # 828 s, loss 0.085
-    python scripts/train_tiny.py $OLD --init /tmp/tiny-2 --steps 700 --lr 1e-3 --warmup 20 --long-from 0.85 \
-        --long-frames 9 --seed 2 --out /tmp/tiny-3                                     # 505 s, loss 0.070
-    python scripts/train_tiny.py $OLD --init /tmp/tiny-3 --steps 9000 --stop-after 2500 --lr 1e-3 --warmup 50 \
-        --long-from 0.8 --long-frames 5,9 --sigma-dist uniform --threads 2 --seed 3 --out /tmp/tiny-4  # ~25 min
-    python scripts/train_tiny.py $OLD --init /tmp/tiny-4 --steps 5000 --stop-after 750 --lr 1e-3 --warmup 50 \
-        --long-from 0.7 --long-frames 5,9 --sigma-dist uniform --jitter 0.2 --threads 2 --seed 4 --out /tmp/tiny-5
-    python scripts/train_tiny.py --no-position-channels --init /tmp/tiny-5 --steps 5000 --stop-after 500 \
-        --lr 1e-3 --warmup 50 --long-from 0.7 --long-frames 5,9 --sigma-dist uniform --jitter 0.2 --threads 2 \
-        --seed 5 --out /tmp/tiny-6
-    python scripts/train_tiny.py --init /tmp/tiny-6 --steps 5000 --lr 1e-3 --warmup 50 --long-from 0.7 \
-        --long-frames 5,9 --sigma-dist uniform --jitter 0.2 --threads 2 --seed 6 --out /tmp/tiny-7  # 1724 s
-    python scripts/train_tiny.py --init /tmp/tiny-7 --steps 2400 --stop-after 200 --lr 5e-4 --warmup 20 \
-        --long-from 0 --long-frames 5,9 --long-batch 4 --jitter 0.2 --threads 2 --seed 7 --out /tmp/tiny-8
-    python scripts/train_tiny.py --init /tmp/tiny-8 --steps 2500 --lr 5e-4 --warmup 20 --long-from 0 \
-        --long-frames 5,9 --long-batch 4 --sigma-dist high --jitter 0.2 --threads 2 --seed 8 \
-        --out diffattn/assets/tiny                                                      # 2143 s, loss 0.034
+Measured on fresh models, 1-frame clips, sigma >= 0.9, ``--lead 10``, 2,000 steps: with ``--jitter 0``
+(the frame edges give the position away) the drawn shape sat at the frame centre for every direction
+word; with ``--jitter 1`` it sat 7.5-8.8 px along the prompted direction. Continuing earlier weights that
+had learned to ignore the direction word did not recover it in 300-1,300 steps.
 
-Stage 7 (position channels added, their weights starting at zero) is the one that made compact shapes
-of the prompted colour appear; stages 8-9 train on 5- and 9-frame clips only. About 2.5 CPU hours in
-all; ``training.json`` in the asset folder has the last stage's loss curve and wall time.
+The shipped weights were made in these stages on a 2-core CPU (``--init`` continues the previous output):
 
-Not learned yet: moving the shape the way the prompt says. Given a noisy moving shape the model
-follows it, but from pure noise it draws the shape in place, for every direction word. What is known:
+    python scripts/train_tiny.py --steps 1500 --batch 8 --short-frames 3 --long-from 1 --lr 2e-3 --warmup 20 \
+        --jitter 1 --sigma-min 0.9 --lead 6 --word-skip --threads 2 --seed 12 --out /tmp/tiny-1  # 534 s, loss 0.051
+    python scripts/train_tiny.py --init /tmp/tiny-1 --steps 4000 --batch 8 --short-frames 3 --long-frames 5,9 \
+        --long-from 0.4 --long-batch 4 --lr 1.5e-3 --warmup 20 --jitter 1 --lead 6 --sigma-dist high \
+        --threads 2 --seed 13 --out /tmp/tiny-2                                      # 3209 s, loss 0.023
+    python scripts/train_tiny.py --init /tmp/tiny-2 --steps 2400 --stop-after 1800 --long-from 0 --long-frames 5,9 \
+        --long-batch 4 --lr 7e-4 --warmup 20 --jitter 1 --lead 6 --sigma-dist uniform --threads 2 --seed 14 \
+        --out diffattn/assets/tiny                                                   # 1712 s, loss 0.017
 
-- The shipped model places the shape by sensing the frame edges through attention, not from the
-  position channels: moving the x channel's origin by 6.4 px moves the drawn shape 0.5 px. Motion would
-  have to be rebuilt on top of that. ``--lead`` (with ``--jitter 1``) draws scenes anywhere and moves the
-  coordinate origin with them, so only the channels say where the scene is: trained on "right"/"down"
-  clips at sigma = 1 (``--directions right,down``), the shape it draws then moved 1.3 px a frame after
-  150 steps (``--lead 0``), against 0.3 px without it (0.3 px also when the frame channel's weights
-  learned 4x or 16x faster: their learning rate is not the limit).
-- The text path has stopped telling directions apart: prompts that differ only in the direction word
-  encode within 5 % of each other (colour words: 57 %), and left/right/up/down give the same sigma = 1
-  prediction to 0.1 px. Left and right need opposite uses of the frame channel, so with all four
-  directions the channel's gradient cancels on average; a direction-dependent offset of the whole
-  trajectory (``--lead`` 5-8 px, a first-order signal) was not picked up in 500 steps either, even with
-  the text path's learning rate raised 10x, nor after 1,300 steps with the text path re-initialised.
-- A fresh model with ``--lead 4 --jitter 1`` from its first step learned backgrounds and colours within
-  1,500 steps but still ignored the direction word at step 3,600 (20 CPU minutes). The next run should
-  go on far longer (tens of thousands of steps of 5- and 9-frame clips: a GPU makes that minutes).
+About 1.5 hours in all on 2 CPU cores. Stage 1 trains only the noise levels where the layout is decided, on
+3-frame clips: its sigma = 1 predictions already move along the prompted direction (2-6 px a frame).
+Stage 2 covers all noise levels (``high``: density 2 sigma) and 5- and 9-frame clips; stage 3 (uniform
+noise levels, 5 and 9 frames) sharpens the outlines. ``training.json`` in the asset folder has the last
+stage's loss curve and wall time. Measured on the shipped weights (20-step samples at 9x64x64, guidance 4,
+4 colour/shape/background combinations x 4 directions x 2 seeds; ``diffattn.pipelines.tiny.measure_motion``):
+the shape moves 2.5-3.5 px a frame along the prompted direction (mean 2.95-3.24 per direction; the
+training videos move 2.9-3.5), its trajectory's middle sits 5-6 px along the direction from the frame
+centre (the ``--lead``), and the background and shape colours are the prompted ones. Circle, square and
+triangle are not told apart reliably yet.
 
 Everything (data, init, sigma draws) is seeded; ``training.json`` in the output folder records the
 command, wall time and loss curve.
@@ -94,6 +83,7 @@ from diffusers import WanTransformer3DModel
 from diffattn.pipelines.tiny import (
     DIRECTIONS,
     POSITION_CHANNELS,
+    TinyTextEncoder,
     build_tiny_pipeline,
     pixel_to_position,
     random_scenes,
@@ -154,6 +144,17 @@ def _add_position_inputs(model: WanTransformer3DModel) -> WanTransformer3DModel:
     return grown
 
 
+def _add_word_skip(text: TinyTextEncoder) -> TinyTextEncoder:
+    """The same encoder with a per-word skip embedding, starting at zero (so its outputs are unchanged)."""
+    config = {k: v for k, v in dict(text.config).items() if not k.startswith("_")}
+    grown = TinyTextEncoder(**{**config, "word_skip": True})
+    missing, unexpected = grown.load_state_dict(text.state_dict(), strict=False)
+    assert missing == ["word.weight"] and not unexpected, (missing, unexpected)
+    with torch.no_grad():
+        grown.word.weight.zero_()
+    return grown
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=1200)
@@ -203,6 +204,15 @@ def main(argv: list[str] | None = None) -> int:
         "coordinate origin to this many pixels behind its trajectory's middle; at sampling time the origin "
         "is the frame centre, so trajectories come out centred, shifted this far along the prompted direction",
     )
+    p.add_argument(
+        "--word-skip", action="store_true",
+        help="give the text encoder a per-word embedding added to every output position (word_skip=True); "
+        "with --init from an encoder without one, the new table starts at zero",
+    )
+    p.add_argument(
+        "--sigma-min", type=float, default=0.0,
+        help="draw noise levels from [sigma-min, 1] only (with --sigma-dist uniform or high)",
+    )
     p.add_argument("--stop-after", type=int, help="stop (and save) after this many steps of the --steps schedule")
     args = p.parse_args(argv)
 
@@ -218,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         overrides = {} if args.position_channels else {"in_channels": 3}
         pipe = build_tiny_pipeline(seed=args.seed, prediction_type=args.prediction, **overrides)
+    if args.word_skip and not pipe.text_encoder.config.word_skip:
+        pipe.text_encoder = _add_word_skip(pipe.text_encoder)
     model, text = pipe.transformer, pipe.text_encoder
     directions = args.directions.split(",")
     if args.lead is not None and model.config.in_channels == model.config.out_channels:
@@ -261,10 +273,10 @@ def main(argv: list[str] | None = None) -> int:
             args.height, args.width, g, args.drop, radius, args.jitter, directions, args.lead,
         )
         noise = torch.randn(x0.shape, generator=g)
-        if args.sigma_dist == "uniform":
-            sigma = torch.rand(x0.shape[0], generator=g).view(-1, 1, 1, 1, 1)
-        elif args.sigma_dist == "high":
-            sigma = torch.rand(x0.shape[0], generator=g).sqrt().view(-1, 1, 1, 1, 1)
+        if args.sigma_dist in ("uniform", "high"):
+            u = torch.rand(x0.shape[0], generator=g)
+            u = u if args.sigma_dist == "uniform" else u.sqrt()
+            sigma = (args.sigma_min + (1 - args.sigma_min) * u).view(-1, 1, 1, 1, 1)
         else:
             sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=g)).view(-1, 1, 1, 1, 1)
         xt = (1 - sigma) * x0 + sigma * noise
