@@ -1,7 +1,8 @@
 """Draw a filmstrip of the embedded tiny model's videos: one row per (prompt, method), every other frame.
 
 Each prompt is generated densely and then with each method from the same seed, so the rows of a prompt
-differ only by the attention. PSNR against the dense video is printed in the row label.
+differ only by the attention. The row label gives the PSNR against the dense video and the shape's
+speed along the prompted direction.
 
     python scripts/tiny_filmstrip.py --out docs/tiny_samples.png
     python scripts/tiny_filmstrip.py --methods dense radial adaspa --prompts "a red circle moving right on a blue background"
@@ -17,14 +18,10 @@ import numpy as np
 import torch
 
 import diffattn
+from diffattn.bench.tiny import PROMPTS  # one per direction, the same as the fidelity benchmark
 from diffattn.pipelines.metrics import psnr
-from diffattn.pipelines.tiny import load_pipeline
+from diffattn.pipelines.tiny import load_pipeline, measure_motion
 
-PROMPTS = (
-    "a red circle moving right on a blue background",
-    "a yellow square moving down on a purple background",
-    "a white triangle moving left on a green background",
-)
 FIELDS = {"agent": {"layout": "dit"}}
 
 
@@ -61,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
             video = np.asarray(out.frames[0])
             if reference is None:
                 reference = video
-            label = prompt if method == "dense" else f"{method}: {psnr(video, reference):.1f} dB vs dense"
+            speed = measure_motion(video, prompt)["speed"]
+            moved = "" if speed is None else f", {speed:+.1f} px/frame along the prompted direction"
+            label = (prompt if method == "dense" else f"{method}: {psnr(video, reference):.1f} dB vs dense") + moved
             rows.append(np.concatenate(list(video[::2]), axis=1))
             labels.append(label)
             print(label, flush=True)
