@@ -303,8 +303,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         panels.append((f"{name} ratio {ratio}: {tm.num_tokens} -> {tm.num_merged} tokens", image))
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 5))
-    axes[0].imshow(metric[0, :, :3].reshape(*grid, 3).sub(metric.min()).div(metric.max() - metric.min()))
-    ys, xs = m.dst // grid[1], m.dst % grid[1]
+    axes[0].imshow(metric[0, :, :3].reshape(*grid, 3).sub(metric.min()).div(metric.max() - metric.min()).numpy())
+    ys, xs = (m.dst // grid[1]).numpy(), (m.dst % grid[1]).numpy()
     axes[0].scatter(xs, ys, s=4, c="white", marker="x")
     axes[0].set_title(f"metric (3 channels), destinations x (stride {stride})", fontsize=9)
     cmap = plt.get_cmap("tab20").with_extremes(bad="black")
