@@ -50,7 +50,7 @@ DEFAULT_TINY_PROMPTS = (
     "a red circle moving right on a blue background",
     "a yellow square moving down on a purple background",
     "a white triangle moving left on a green background",
-    "a orange circle moving up on a black background",
+    "an orange circle moving up on a black background",
 )
 REPORT = "report.jsonl"
 SUMMARY = "summary.json"
