@@ -170,14 +170,13 @@ def _run_bench(args, parser) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- draw
-_PATTERNS = {
-    "radial": "Radial's static block mask for a video shape",
-    "gna": "a generalized neighborhood attention window and its tile layout",
-    "adaspa": "AdaSpa's per-head block masks on synthetic DiT-like attention",
-    "paro": "PARO's per-head permutation and block mask on synthetic attention",
-    "tome": "the token-merging partition of a latent grid",
+_PATTERNS = {  # name -> (module in diffattn.patterns, what it draws)
+    "radial": ("radial", "Radial's static block mask for a video shape"),
+    "gna": ("neighborhood", "a generalized neighborhood attention window and its tile layout"),
+    "adaspa": ("adaspa", "AdaSpa's per-head block masks on synthetic DiT-like attention"),
+    "paro": ("paro", "PARO's per-head permutation and block mask on synthetic attention"),
+    "tome": ("tome", "the token-merging partition of a latent grid"),
 }
-_PATTERN_MODULES = {"radial": "radial", "gna": "neighborhood", "adaspa": "adaspa", "paro": "paro", "tome": "tome"}
 
 
 def _add_draw(sub) -> None:
@@ -185,7 +184,8 @@ def _add_draw(sub) -> None:
         "draw",
         help="draw a method's attention pattern to an image: " + ", ".join(_PATTERNS),
         description="Draw an attention pattern; arguments after its name go to it "
-        "(e.g. `diffattn draw radial --help`).\n" + "\n".join(f"  {k:8s} {v}" for k, v in _PATTERNS.items()),
+        "(e.g. `diffattn draw radial --help`).\n"
+        + "\n".join(f"  {k:8s} {what}" for k, (_, what) in _PATTERNS.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("which", choices=sorted(_PATTERNS))
@@ -196,7 +196,7 @@ def _add_draw(sub) -> None:
 def _run_draw(args, parser) -> int:
     import importlib
 
-    module = importlib.import_module(f"diffattn.patterns.{_PATTERN_MODULES[args.which]}")
+    module = importlib.import_module(f"diffattn.patterns.{_PATTERNS[args.which][0]}")
     module.main(args.args, prog=f"diffattn draw {args.which}")
     return 0
 

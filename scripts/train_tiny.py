@@ -50,10 +50,11 @@ The shipped weights were made in these stages on a 2-core CPU (``--init`` contin
         --long-batch 4 --lr 7e-4 --warmup 20 --jitter 1 --lead 6 --sigma-dist uniform --threads 2 --seed 14 \
         --out diffattn/assets/tiny                                                   # 1712 s, loss 0.017
 
-About 1.5 hours in all on 2 CPU cores. Stage 1 trains only the noise levels where the layout is decided, on
-3-frame clips: on 3 frames its sigma = 1 predictions already move left and right as prompted (1.9 and
-2.0 px a frame, offset 4-5 px) but not yet up or down (-0.1 and 0.2 px a frame). Stage 2 covers all noise levels (``high``: density 2 sigma) and 5- and 9-frame clips; stage 3 (uniform
-noise levels, 5 and 9 frames) sharpens the outlines. ``training.json`` in the asset folder has the last
+About 1.5 hours in all on 2 CPU cores. Stage 1 trains only the noise levels where the layout is
+decided, on 3-frame clips: on 3 frames its sigma = 1 predictions already move left and right as prompted
+(1.9 and 2.0 px a frame, offset 4-5 px) but not yet up or down (-0.1 and 0.2 px a frame). Stage 2 covers
+all noise levels (``high``: density 2 sigma) and 5- and 9-frame clips; stage 3 (uniform noise levels,
+5 and 9 frames) sharpens the outlines. ``training.json`` in the asset folder has the last
 stage's loss curve and wall time. Measured on the shipped weights (20-step samples at 9x64x64, guidance 4,
 4 colour/shape/background combinations x 4 directions x 2 seeds; ``diffattn.pipelines.tiny.measure_motion``):
 the shape moves 2.5-3.5 px a frame along the prompted direction (mean 2.95-3.24 per direction; the

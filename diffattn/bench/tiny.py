@@ -23,15 +23,11 @@ from typing import Any
 
 import torch
 
+from ..pipelines.generate import DEFAULT_TINY_PROMPTS
 from .common import default_output, environment, write_rows
 
-# Prompts in the tiny model's vocabulary (it was trained on these shapes, colours and directions).
-PROMPTS = (
-    "a red circle moving right on a blue background",
-    "a yellow square moving down on a purple background",
-    "a white triangle moving left on a green background",
-    "a green circle moving up on a black background",
-)
+# The prompts `diffattn generate` uses on the tiny model: one per direction, in its vocabulary.
+PROMPTS = DEFAULT_TINY_PROMPTS
 # label -> (method, config fields besides its defaults); agent needs the DiT token layout
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "radial": ("radial", {}),
