@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
 
 import diffattn
-from diffattn.methods import AttnContext, ToMeConfig, get_method_class
-from diffattn.methods.tome import draw_generator
+from diffattn.methods import AttentionMethod, AttnContext, MethodConfig, ToMeConfig, get_method_class, register_method
+from diffattn.methods.tome import draw_generator, window_stride
 from diffattn.patterns.tome import (
     bipartite_matching,
     destination_indices,
@@ -165,19 +166,25 @@ def test_bad_inputs_name_the_argument():
 
 
 # ----------------------------------------------------------------------------------- the method
-def unet_ctx(h, w, step=0, num_steps=50, layer_index=0, branch=0, scale=None):
+def unet_ctx(h, w, step=0, num_steps=50, layer_index=0, branch=0, scale=None, block_input=None, latent=None):
     return AttnContext(
         layer=f"layer{layer_index}", layer_index=layer_index, grid=(1, h, w), step=step, num_steps=num_steps,
-        branch=branch, scale=scale, model="unet",
+        branch=branch, scale=scale, model="unet", block_input=block_input,
+        latent_grid=(1, h, w) if latent is None else latent,
     )
 
 
 def reference_tome_attention(q, k, v, dst, r, scale, proportional, metric="k"):
-    """Independent ToMe attention: loop-reference groups, explicit softmax with log-size key bias."""
+    """Independent ToMe attention: loop-reference groups, explicit softmax with log-size key bias.
+
+    ``metric`` is "k", "q" or a ``[B, N, C]`` tensor (the block input)."""
     b, h, n, d = q.shape
     out = torch.empty_like(q)
     for i in range(b):
-        src_metric = (k if metric == "k" else q)[i].transpose(0, 1).reshape(n, h * d)
+        if isinstance(metric, torch.Tensor):
+            src_metric = metric[i]
+        else:
+            src_metric = (k if metric == "k" else q)[i].transpose(0, 1).reshape(n, h * d)
         kept, groups = reference_groups(src_metric, dst, r)
         qm, km, vm = (reference_merge(t[i], kept, groups, dst) for t in (q, k, v))
         sizes = torch.tensor([1.0] * len(kept) + [float(len(groups[x])) for x in dst])
@@ -204,9 +211,107 @@ def test_tome_method_equals_reference(grid, heads, dim, proportional, metric):
     method = get_method_class("tome")(cfg)
     ctx = unet_ctx(*grid, step=3, layer_index=2)
     out = method.attend(q, k, v, ctx)
-    dst = destination_indices(grid, fit_stride(grid, cfg.stride), draw_generator(cfg.seed, ctx)).tolist()
+    dst = destination_indices(grid, cfg.stride, draw_generator(cfg.seed, ctx)).tolist()
     r = merge_count(n, cfg.ratio, n - len(dst))
     assert_close(out, reference_tome_attention(q, k, v, dst, r, None, proportional, metric), torch.float32)
+
+
+# One test per tomesd rule the defaults follow; each also shows the former default gives another result.
+@pytest.mark.parametrize("grid,heads,dim", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_default_matches_on_the_block_input(grid, heads, dim, batch):
+    """tomesd matches tokens on the transformer block's input (before norm1), not on keys or queries."""
+    torch.manual_seed(8)
+    n = grid[0] * grid[1]
+    q, k, v = (torch.randn(batch, heads, n, dim) for _ in range(3))
+    x = torch.randn(batch, n, 24)
+    cfg = ToMeConfig()
+    assert cfg.metric == "block" and not cfg.proportional
+    out = get_method_class("tome")(cfg).attend(q, k, v, unet_ctx(*grid, block_input=x))
+    dst = destination_indices(grid, cfg.stride, None if batch % 2 else draw_generator(cfg.seed, unet_ctx(*grid))).tolist()
+    r = merge_count(n, cfg.ratio, n - len(dst))
+    assert_close(out, reference_tome_attention(q, k, v, dst, r, None, False, x), torch.float32)
+    keys = get_method_class("tome")(cfg.replace(metric="k")).attend(q, k, v, unet_ctx(*grid, block_input=x))
+    assert float((keys - out).abs().max()) > 1e-3
+
+
+def test_block_metric_without_a_block_input_uses_keys_and_says_so(caplog):
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, 2, 64, 8) for _ in range(3))
+    with caplog.at_level("WARNING", logger="diffattn"):
+        out = get_method_class("tome")(ToMeConfig()).attend(q, k, v, unet_ctx(8, 8, layer_index=31))
+    assert "matched on the keys" in caplog.text
+    keys = get_method_class("tome")(ToMeConfig(metric="k")).attend(q, k, v, unet_ctx(8, 8, layer_index=31))
+    assert torch.equal(out, keys)
+
+
+def test_proportional_attention_is_opt_in():
+    torch.manual_seed(9)
+    grid, n = (10, 9), 90
+    q, k, v = (torch.randn(2, 2, n, 8) for _ in range(3))
+    ctx = unet_ctx(*grid, block_input=torch.randn(2, n, 6))
+    plain = get_method_class("tome")(ToMeConfig(use_rand=False)).attend(q, k, v, ctx)
+    prop = get_method_class("tome")(ToMeConfig(use_rand=False, proportional=True)).attend(q, k, v, ctx)
+    dst = destination_indices(grid, (2, 2)).tolist()
+    r = merge_count(n, 0.5, n - len(dst))
+    assert_close(plain, reference_tome_attention(q, k, v, dst, r, None, False, ctx.block_input), torch.float32)
+    assert_close(prop, reference_tome_attention(q, k, v, dst, r, None, True, ctx.block_input), torch.float32)
+    assert float((plain - prop).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("latent,grid,expect", [((64, 64), (64, 64), 1), ((64, 64), (32, 32), 2),
+                                                ((9, 13), (5, 7), 2), ((9, 13), (3, 4), 3), ((3, 3), (2, 2), 2)])
+def test_downsampling_is_measured_against_the_input_latent(latent, grid, expect):
+    """tomesd: downsample = ceil(sqrt(N_latent // N)) — an SDXL UNet's first attention level (32² of a 64²
+    latent) is level 2, so max_downsample=1 leaves it dense; the former rule (largest layer) called it 1."""
+    n = grid[0] * grid[1]
+    q, k, v = (torch.randn(2, 1, n, 4) for _ in range(3))
+    rows = {}
+    ctx = unet_ctx(*grid, latent=(1, *latent))
+    ctx.record = rows.update
+    cfg = ToMeConfig(max_downsample=8)
+    get_method_class("tome")(cfg).attend(q, k, v, ctx)
+    assert rows["downsample"] == expect
+    old = {}
+    ctx.record = old.update
+    get_method_class("tome")(cfg.replace(level_reference="largest_layer")).attend(q, k, v, ctx)
+    assert old["downsample"] == 1
+
+
+def test_stride_is_kept_on_small_grids():
+    """tomesd never halves the stride: a 6x6 level with stride 2 merges 36 -> 18 tokens; the former adaptive
+    stride (1 x 1 there) merged nothing."""
+    q, k, v = (torch.randn(2, 2, 36, 8) for _ in range(3))
+    counts = {}
+    for adaptive in (False, True):
+        rows = {}
+        ctx = unet_ctx(6, 6, block_input=torch.randn(2, 36, 5))
+        ctx.record = rows.update
+        out = get_method_class("tome")(ToMeConfig(adaptive_stride=adaptive)).attend(q, k, v, ctx)
+        counts[adaptive] = rows.get("tokens")
+        if adaptive:
+            assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    assert counts == {False: 18, True: 36}
+    assert window_stride((6, 6), (2, 2), False) == (2, 2) and window_stride((6, 6), (2, 2), True) == (1, 1)
+
+
+def test_stride_longer_than_the_grid_is_cut_to_it(caplog):
+    with caplog.at_level("WARNING", logger="diffattn"):
+        assert window_stride((3, 8), (4, 4), False) == (3, 4)
+    assert "larger than the (3, 8) token grid" in caplog.text
+
+
+def test_random_destinations_are_off_for_odd_batches():
+    """tomesd turns use_rand off for odd batches; random_odd_batch=True keeps them."""
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 256, 8) for _ in range(3))
+    x = torch.randn(1, 256, 6)
+    run = lambda **f: get_method_class("tome")(ToMeConfig(**f)).attend(q, k, v, unet_ctx(16, 16, step=2, block_input=x))
+    assert torch.equal(run(), run(use_rand=False))
+    assert not torch.equal(run(random_odd_batch=True), run(use_rand=False))
+    q2, k2, v2, x2 = (torch.cat([t, t]) for t in (q, k, v, x))
+    even = get_method_class("tome")(ToMeConfig()).attend(q2, k2, v2, unet_ctx(16, 16, step=2, block_input=x2))
+    assert not torch.equal(even[:1], run(use_rand=False))
 
 
 def test_proportional_attention_is_exact_for_duplicate_tokens():
@@ -223,7 +328,7 @@ def test_proportional_attention_is_exact_for_duplicate_tokens():
             t[:, :, s] = t[:, :, dst[(5 * j) % len(dst)]]
     dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     ctx = unet_ctx(*grid)
-    cfg = ToMeConfig(ratio=20 / 64, use_rand=False, proportional=True)
+    cfg = ToMeConfig(ratio=20 / 64, use_rand=False, proportional=True, metric="k")
     out = get_method_class("tome")(cfg).attend(q, k, v, ctx)
     assert_close(out, dense, torch.float32)
     plain = get_method_class("tome")(cfg.replace(proportional=False)).attend(q, k, v, unet_ctx(*grid))
@@ -232,8 +337,8 @@ def test_proportional_attention_is_exact_for_duplicate_tokens():
 
 def test_cfg_branches_merge_alike():
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 256, 8) for _ in range(3))
-    method = get_method_class("tome")(ToMeConfig())
+    q, k, v = (torch.randn(2, 2, 256, 8) for _ in range(3))
+    method = get_method_class("tome")(ToMeConfig(metric="k"))
     a = method.attend(q, k, v, unet_ctx(16, 16, step=5, branch=0))
     b = method.attend(q, k, v, unet_ctx(16, 16, step=5, branch=1))
     c = method.attend(q, k, v, unet_ctx(16, 16, step=6, branch=0))
@@ -253,6 +358,47 @@ def test_only_highest_resolution_layers_by_default(unet):
         phases = {row["grid"]: row["phase"] for row in diffattn.stats(unet).rows}
         diffattn.remove(unet)
         assert phases == expect
+
+
+@dataclass(frozen=True)
+class _BlockProbeConfig(MethodConfig):
+    """Dense attention that keeps the block input and latent grid each call was given."""
+
+
+@register_method
+class _BlockProbe(AttentionMethod):
+    name = "_test_block_probe"
+    config_cls = _BlockProbeConfig
+
+    def reset(self):
+        self.seen = getattr(self, "seen", {})
+
+    def attend(self, q, k, v, ctx):
+        self.seen[ctx.layer] = (ctx.block_input, ctx.latent_grid)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=ctx.scale)
+
+
+def test_each_layer_gets_its_transformer_blocks_input(unet):
+    from diffusers.models.attention import BasicTransformerBlock
+
+    captured, handles = {}, []
+    for name, block in unet.named_modules():
+        if isinstance(block, BasicTransformerBlock):
+            keep = lambda mod, args, kw, name=name: captured.__setitem__(f"{name}.attn1", kw.get("hidden_states", args[0] if args else None))
+            handles.append(block.register_forward_pre_hook(keep, with_kwargs=True))
+    diffattn.apply(unet, "_test_block_probe", min_tokens=0)
+    try:
+        T.run(unet, T.inputs("unet", (1, 9, 13), batch=2))
+        seen = diffattn.method_of(unet).seen
+        state = diffattn.processors.sparse.state_of(unet)
+        assert state.block_inputs == {}, "block inputs kept after the forward"
+    finally:
+        diffattn.remove(unet)
+        for h in handles:
+            h.remove()
+    assert set(seen) == set(captured) and len(seen) == 4
+    for layer, (x, latent) in seen.items():
+        assert x is captured[layer] and x.ndim == 3 and latent == (1, 9, 13)
 
 
 def test_tome_on_tiny_unet_runs_and_remove_restores(unet):
@@ -288,6 +434,8 @@ def test_config_validation():
         ToMeConfig(max_downsample=3)
     with pytest.raises(ValueError, match="metric"):
         ToMeConfig(metric="x")
+    with pytest.raises(ValueError, match="level_reference"):
+        ToMeConfig(level_reference="top")
     cfg = ToMeConfig(ratio=0.3, stride=(4, 2))
     assert ToMeConfig.from_json(cfg.to_json()) == cfg
     assert math.isclose(diffattn.ToMeConfig().ratio, 0.5)

@@ -149,6 +149,8 @@ class AttnContext:
     The video tokens form a latent grid ``F x H x W`` flattened frame-major. In a joint sequence the
     ``text_len`` text tokens sit before the video (``text_first``, CogVideoX/Flux) or after it
     (HunyuanVideo); ``key_padding`` (bool ``[B, N]``, True = real token) marks padded text keys.
+    ``block_input`` is the ``hidden_states`` the layer's UNet transformer block received (``[B, N, C]``,
+    before ``norm1``; None elsewhere) and ``latent_grid`` the denoiser's input grid.
     """
 
     layer: str = ""
@@ -165,6 +167,8 @@ class AttnContext:
     scale: float | None = None
     model: str = ""
     capture_layouts: bool = False
+    block_input: torch.Tensor | None = None
+    latent_grid: tuple[int, int, int] | None = None
     record: Callable[..., None] = field(default=lambda **kw: None, repr=False)
 
     @property

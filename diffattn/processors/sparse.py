@@ -34,6 +34,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..kernels.api import log_once
 from ..methods import AttentionMethod, AttnContext, MethodConfig, get_method_class, make_config
+from .blocks import watch_block_inputs
 from .models import ModelSpec, default_processor, layer_grid, spec_for
 from .state import ModelState
 
@@ -92,6 +93,8 @@ def adopt(
         model.register_forward_pre_hook(pre_hook, with_kwargs=True),
         model.register_forward_hook(post_hook),
     ]
+    state.block_inputs = {}  # type: ignore[attr-defined]
+    state.handles += watch_block_inputs(model, state.names, state.block_inputs)  # type: ignore[attr-defined]
     _MODEL_STATE[model] = state
     return state
 
@@ -362,6 +365,8 @@ class _Handler:
             scale=a.get("scale"),
             model=spec.name,
             capture_layouts=self.state.capture_layouts,
+            block_input=getattr(self.state, "block_inputs", {}).get(name),
+            latent_grid=self.info.grid,
             record=row.update,
         )
         with self.state.timer() as t:
