@@ -13,7 +13,7 @@ import diffattn
 from diffattn.methods import AgentConfig, AttnContext, ToMeConfig, get_method_class
 from diffattn.methods.agent import agent_attention, pool_shape, pooled_agents
 from diffattn.methods.tome import draw_generator
-from diffattn.patterns.tome import destination_indices, fit_stride, merge_count
+from diffattn.patterns.tome import destination_indices, merge_count
 from tests import tiny_models as T
 from tests.test_tome import reference_groups, reference_merge, reference_unmerge, unet_ctx
 from tests.tolerances import MODEL_TOL, assert_close
@@ -48,21 +48,30 @@ def reference_pool(q: torch.Tensor, grid: tuple[int, ...], shape: tuple[int, ...
     return torch.stack(cells, dim=2)
 
 
-def reference_agentsd(q, k, v, dst, r, agent_r, cfg, pooled_shape=None):
-    """AgentSD by hand: loop-reference groups, merged q/k/v, agents, the formula, unmerge."""
+def reference_agentsd(q, k, v, dst, r, agent_r, cfg, pooled_shape=None, block_input=None):
+    """AgentSD by hand: loop-reference groups, merged q/k/v, agents, the formula, unmerge.
+
+    Merged agents at least half as many as the merged tokens: plain softmax among the merged tokens."""
     b, h, n, d = q.shape
     s = d**-0.5
     out = torch.empty_like(q)
     for i in range(b):
-        metric = (k if cfg.metric == "k" else q)[i].transpose(0, 1).reshape(n, h * d)
+        if cfg.metric == "block":
+            metric = block_input[i]
+        else:
+            metric = (k if cfg.metric == "k" else q)[i].transpose(0, 1).reshape(n, h * d)
         kept, groups = reference_groups(metric, dst, r)
+        qm, km, vm = (reference_merge(t[i], kept, groups, dst) for t in (q, k, v))
+        if pooled_shape is None and 2 * (n - agent_r) >= len(kept) + len(dst) and not cfg.force_agents:
+            om = torch.softmax((qm @ km.transpose(-1, -2)) * s, -1) @ vm
+            out[i] = reference_unmerge(om, kept, groups, dst, n)
+            continue
         if pooled_shape is None:
             kept_a, groups_a = reference_groups(metric, dst, agent_r)
             agents = reference_merge(q[i], kept_a, groups_a, dst)
         else:
             grid = pooled_shape[0]
             agents = reference_pool(q[i : i + 1], grid, pooled_shape[1])[0]
-        qm, km, vm = (reference_merge(t[i], kept, groups, dst) for t in (q, k, v))
         om = reference_formula(qm[None], km[None], vm[None], agents[None], s, s**cfg.k_scale2, cfg.shortcut)[0]
         out[i] = reference_unmerge(om, kept, groups, dst, n)
     return out
@@ -109,24 +118,72 @@ METHOD_CASES = [((16, 16), 2, 16), ((12, 10), 3, 8), ((9, 14), 2, 40)]
 
 @pytest.mark.parametrize("grid,heads,dim", METHOD_CASES, ids=[f"h{g[0]}w{g[1]}-H{h}-D{d}" for g, h, d in METHOD_CASES])
 @pytest.mark.parametrize("source", ["merge", "pool"])
-@pytest.mark.parametrize("metric", ["k", "q"])
+@pytest.mark.parametrize("metric", ["block", "k", "q"])
 def test_agent_method_equals_reference(grid, heads, dim, source, metric):
     torch.manual_seed(3)
     n = grid[0] * grid[1]
     q, k, v = (torch.randn(2, heads, n, dim) for _ in range(3))
+    x = torch.randn(2, n, 12)
     cfg = AgentConfig(agent_source=source, num_agents=12, metric=metric, seed=9)
-    ctx = unet_ctx(*grid, step=0, layer_index=1)
+    ctx = unet_ctx(*grid, step=0, layer_index=1, block_input=x)
     rows = {}
     ctx.record = rows.update
     out = get_method_class("agent")(cfg).attend(q, k, v, ctx)
-    stride = fit_stride(grid, cfg.stride)
-    dst = destination_indices(grid, stride, draw_generator(cfg.seed, ctx)).tolist()
+    dst = destination_indices(grid, cfg.stride, draw_generator(cfg.seed, ctx)).tolist()
     num_src = n - len(dst)
     r, agent_r = merge_count(n, cfg.merge_ratio, num_src), merge_count(n, cfg.agent_ratio, num_src)
     pooled = None if source == "merge" else (grid, pool_shape(grid, cfg.num_agents))
     assert rows["phase"] == "agent"
-    assert rows["agents"] == (len(dst) if source == "merge" else math.prod(pooled[1]))
-    assert_close(out, reference_agentsd(q, k, v, dst, r, agent_r, cfg, pooled), torch.float32)
+    assert rows["agents"] == (n - agent_r if source == "merge" else math.prod(pooled[1]))
+    assert_close(out, reference_agentsd(q, k, v, dst, r, agent_r, cfg, pooled, x), torch.float32)
+
+
+def test_default_matches_agents_on_the_block_input():
+    torch.manual_seed(13)
+    grid, n = (12, 9), 108
+    q, k, v = (torch.randn(2, 2, n, 8) for _ in range(3))
+    x = torch.randn(2, n, 10)
+    cfg = AgentConfig(use_rand=False)
+    assert AgentConfig().metric == "block"
+    out = get_method_class("agent")(cfg).attend(q, k, v, unet_ctx(*grid, block_input=x))
+    dst = destination_indices(grid, cfg.stride).tolist()
+    r, agent_r = merge_count(n, 0.4, n - len(dst)), merge_count(n, 0.95, n - len(dst))
+    assert_close(out, reference_agentsd(q, k, v, dst, r, agent_r, cfg, None, x), torch.float32)
+    keys = get_method_class("agent")(cfg.replace(metric="k")).attend(q, k, v, unet_ctx(*grid, block_input=x))
+    assert float((keys - out).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("agent_ratio,merge_ratio,stride,agents", [(0.5, 0.4, (2, 2), True), (0.9, 0.1, (4, 4), False),
+                                                                    (0.3, 0.4, (4, 4), True)])
+def test_plain_attention_among_merged_tokens_when_agents_are_half_of_them(agent_ratio, merge_ratio, stride, agents):
+    """AgentSD runs agent attention only when 2 * agents < merged tokens; otherwise plain attention among the
+    merged tokens (e.g. its late-step setting agent_ratio=0.5 with a 2 x 2 stride). force_agents=True keeps agents."""
+    torch.manual_seed(14)
+    grid, n = (16, 12), 192
+    q, k, v = (torch.randn(2, 2, n, 8) for _ in range(3))
+    x = torch.randn(2, n, 6)
+    cfg = AgentConfig(agent_ratio=agent_ratio, merge_ratio=merge_ratio, stride=stride, use_rand=False)
+    rows = {}
+    ctx = unet_ctx(*grid, block_input=x)
+    ctx.record = rows.update
+    out = get_method_class("agent")(cfg).attend(q, k, v, ctx)
+    dst = destination_indices(grid, stride).tolist()
+    r, agent_r = merge_count(n, merge_ratio, n - len(dst)), merge_count(n, agent_ratio, n - len(dst))
+    assert (2 * (n - agent_r) < n - r) == (not agents)
+    assert rows["phase"] == ("tome" if agents else "agent")
+    assert_close(out, reference_agentsd(q, k, v, dst, r, agent_r, cfg, None, x), torch.float32)
+    forced = get_method_class("agent")(cfg.replace(force_agents=True)).attend(q, k, v, unet_ctx(*grid, block_input=x))
+    assert_close(forced, reference_agentsd(q, k, v, dst, r, agent_r, cfg.replace(force_agents=True), None, x), torch.float32)
+    assert (float((forced - out).abs().max()) > 1e-3) == agents
+
+
+def test_random_destinations_are_off_for_odd_batches():
+    torch.manual_seed(15)
+    q, k, v = (torch.randn(1, 2, 256, 8) for _ in range(3))
+    x = torch.randn(1, 256, 6)
+    run = lambda **f: get_method_class("agent")(AgentConfig(**f)).attend(q, k, v, unet_ctx(16, 16, step=1, block_input=x))
+    assert torch.equal(run(), run(use_rand=False))
+    assert not torch.equal(run(random_odd_batch=True), run(use_rand=False))
 
 
 @pytest.mark.parametrize("source", ["merge", "pool"])
@@ -138,7 +195,8 @@ def test_all_tokens_as_agents_is_query_smoothed_dense_attention(source):
     grid, heads, dim = (6, 7), 2, 16
     n = grid[0] * grid[1]
     q, k, v = (torch.randn(2, heads, n, dim) for _ in range(3))
-    cfg = AgentConfig(agent_source=source, merge_ratio=0.0, agent_ratio=0.0, num_agents=n, shortcut=0.0)
+    cfg = AgentConfig(agent_source=source, merge_ratio=0.0, agent_ratio=0.0, num_agents=n, shortcut=0.0,
+                      force_agents=True, metric="k")
     out = get_method_class("agent")(cfg).attend(q, k, v, unet_ctx(*grid))
     s = dim**-0.5
     dense = torch.softmax((q @ k.transpose(-1, -2)) * s, -1) @ v
@@ -148,12 +206,14 @@ def test_all_tokens_as_agents_is_query_smoothed_dense_attention(source):
         assert torch.equal(pooled_agents(q, grid, n), q)
 
 
-@pytest.mark.parametrize("num_steps,switch", [(50, 20), (10, 4), (4, 2)], ids=lambda x: str(x))
+@pytest.mark.parametrize("num_steps,switch,scaled", [(50, 20, False), (30, 20, False), (25, 20, False),
+                                                     (50, 20, True), (10, 4, True), (4, 2, True)], ids=str)
 @pytest.mark.parametrize("late", ["tome", "dense"])
-def test_schedule_switches_at_configured_step(num_steps, switch, late):
+def test_schedule_switches_at_configured_step(num_steps, switch, scaled, late):
+    """AgentSD switches at step index 20 whatever the step count; scale_agent_steps scales it (opt-in)."""
     torch.manual_seed(1)
     q, k, v = (torch.randn(2, 2, 256, 8) for _ in range(3))
-    cfg = AgentConfig(late=late, seed=3)
+    cfg = AgentConfig(late=late, seed=3, metric="k", scale_agent_steps=scaled)
     method = get_method_class("agent")(cfg)
     phases = {}
     outs = {}
@@ -164,22 +224,29 @@ def test_schedule_switches_at_configured_step(num_steps, switch, late):
         outs[step] = method.attend(q, k, v, ctx)
         phases[step] = row["phase"]
     assert phases == {0: "agent", switch - 1: "agent", switch: late, num_steps - 1: late}
+    if not scaled and num_steps != 50:
+        ctx = unet_ctx(16, 16, step=ctx.scaled_step(20), num_steps=num_steps)
+        ctx.record = row.update
+        method.attend(q, k, v, ctx)
+        assert row["phase"] == "agent", "the former rule (scaled to the step count) switched here"
     after = unet_ctx(16, 16, step=switch, num_steps=num_steps)
     if late == "dense":
         assert torch.equal(outs[switch], F.scaled_dot_product_attention(q, k, v))
     else:
-        tome = ToMeConfig(ratio=cfg.merge_ratio, stride=cfg.late_stride, proportional=False, seed=cfg.seed)
+        tome = ToMeConfig(ratio=cfg.merge_ratio, stride=cfg.late_stride, proportional=False, seed=cfg.seed, metric="k")
         assert torch.equal(outs[switch], get_method_class("tome")(tome).attend(q, k, v, after))
 
 
-def test_lower_resolution_layers_run_dense_and_resolution_changes_are_seen():
+@pytest.mark.parametrize("reference", ["latent", "largest_layer"])
+def test_lower_resolution_layers_run_dense_and_resolution_changes_are_seen(reference):
     torch.manual_seed(0)
-    method = get_method_class("agent")(AgentConfig())
+    method = get_method_class("agent")(AgentConfig(metric="k", level_reference=reference))
     big = [torch.randn(2, 2, 256, 8) for _ in range(3)]
     small = [torch.randn(2, 2, 64, 8) for _ in range(3)]
+    latent = {0: (1, 16, 16), 1: (1, 8, 8)}
 
     def phase(tensors, grid, index, step=0):
-        ctx = unet_ctx(*grid, step=step, layer_index=index)
+        ctx = unet_ctx(*grid, step=step, layer_index=index, latent=latent[step])
         row = {}
         ctx.record = row.update
         out = method.attend(*tensors, ctx)
@@ -190,7 +257,7 @@ def test_lower_resolution_layers_run_dense_and_resolution_changes_are_seen():
     assert p == "dense" and torch.equal(out, F.scaled_dot_product_attention(*small))
     # The next forward runs at a lower resolution: its top layer is now the 8 x 8 one.
     assert phase(small, (8, 8), 0, step=1)[0] == "agent"
-    wide = AgentConfig(max_downsample=2)
+    wide = AgentConfig(max_downsample=2, metric="k", level_reference=reference)
     method = get_method_class("agent")(wide)
     assert phase(big, (16, 16), 0)[0] == "agent" and phase(small, (8, 8), 1)[0] == "agent"
 
@@ -219,11 +286,13 @@ def _generate(pipe, embeds, negative):
 @pytest.mark.parametrize(
     "method,fields,expected",
     [
-        ("agent", {}, ["agent", "agent", "tome", "tome"]),
-        ("agent", {"agent_source": "pool", "num_agents": 16, "late": "dense"}, ["agent", "agent", "dense", "dense"]),
+        ("agent", {}, ["agent"] * 4),
+        ("agent", {"scale_agent_steps": True}, ["agent", "agent", "tome", "tome"]),
+        ("agent", {"agent_source": "pool", "num_agents": 16, "late": "dense", "agent_steps": 2},
+         ["agent", "agent", "dense", "dense"]),
         ("tome", {}, ["tome"] * 4),
     ],
-    ids=["agentsd", "pooled", "tome"],
+    ids=["agentsd", "agentsd-scaled", "pooled", "tome"],
 )
 def test_tiny_sd_pipeline_end_to_end(sd, method, fields, expected):
     pipe, embeds, negative, off = sd
@@ -325,11 +394,15 @@ def test_sdxl_style_unet_without_attention_at_the_top_level():
         attention_head_dim=8, norm_num_groups=8,
     ).eval()
     kw = T.inputs("unet", (1, 16, 16))
-    diffattn.apply(unet, "agent", min_tokens=0)
-    try:
-        out = T.run(unet, kw)
-        phases = {(r["grid"], r["phase"]) for r in diffattn.stats(unet).rows}
-    finally:
-        diffattn.remove(unet)
-    assert phases == {((1, 8, 8), "agent"), ((1, 4, 4), "dense")}
-    assert torch.isfinite(out).all()
+    phases = {}
+    for reference in ("latent", "largest_layer"):
+        diffattn.apply(unet, "agent", min_tokens=0, level_reference=reference)
+        try:
+            out = T.run(unet, kw)
+            phases[reference] = {(r["grid"], r["phase"]) for r in diffattn.stats(unet).rows}
+        finally:
+            diffattn.remove(unet)
+        assert torch.isfinite(out).all()
+    # AgentSD measures downsampling against the 16 x 16 latent: nothing runs at level 1 on this UNet.
+    assert phases["latent"] == {((1, 8, 8), "dense"), ((1, 4, 4), "dense")}
+    assert phases["largest_layer"] == {((1, 8, 8), "agent"), ((1, 4, 4), "dense")}

@@ -10,21 +10,27 @@ With ``n`` agent tokens ``A`` (``n << N``), queries ``Q``, keys ``K``, values ``
 The agents first gather from all keys (ordinary softmax attention with the agents as queries), then
 every query reads the agents' features with a softened score scale. The cost is ``O(N·n·D)``.
 
-AgentSD (the default here), applied per highest-resolution UNet self-attention layer:
+AgentSD (the default here, reproducing the official code at its 50-step recipe), applied per
+highest-resolution UNet self-attention layer:
 
-* early steps (the first 20 of 50, scaled to the run's step count): one bipartite matching of the
-  tokens with a 4×4 stride (:mod:`diffattn.patterns.tome`) gives two merges: ``q, k, v`` lose 40% of
-  their tokens (``merge_ratio``), and merging 95% (``agent_ratio``, capped at the sources — so one
-  agent per window) of the queries gives the agents. Merging the block input then projecting with
-  ``to_q`` equals projecting then merging (a mean of an affine map), so the agents are formed from
-  ``q`` here. Agent attention runs among the merged tokens; the output is unmerged.
+* early steps (step index < 20, whatever the step count): one bipartite matching of the tokens with a
+  4×4 stride (:mod:`diffattn.patterns.tome`), on the transformer block's input (before ``norm1``), gives
+  two merges: ``q, k, v`` lose 40% of their tokens (``merge_ratio``), and merging 95% (``agent_ratio``,
+  capped at the sources — so one agent per window) of the queries gives the agents. Merging the block
+  input then projecting with ``to_q`` equals projecting then merging (a mean of an affine map), so the
+  agents are formed from ``q`` here. Agent attention runs among the merged tokens; the output is
+  unmerged. Where the agents are at least half the merged tokens (``2·agents >= merged``) plain attention
+  among the merged tokens runs instead, as in the official code.
 * later steps: plain token merging (2×2 stride, same ratio) — or dense attention (``late="dense"``).
 
-Differences from the official code, on purpose: tokens are matched by their keys (the attention call
-does not see the block input; see :mod:`diffattn.methods.tome` for why keys), random destinations are
-seeded per (step, layer) so CFG branches merge alike even when they run as separate calls (the official
-code turns randomness off for odd batches instead), and agent attention is never silently replaced by
-token merging (the official code does so when the agents are more than half the merged tokens).
+As in tomesd (see :mod:`diffattn.methods.tome`), downsampling is measured against the UNet's input
+latent, the stride is kept on small grids and random destinations are off for odd batches.
+
+Opt-in deviations, each a field: ``metric="k"`` (match on keys), ``scale_agent_steps=True`` (the
+switch step scaled to the run's step count — 8 of 20 steps, the same fraction of the schedule as 20 of
+50, where the official switch would leave a 20-step run agent attention throughout),
+``force_agents=True`` (agent attention even where agents are half the merged tokens or more, e.g. to
+study it on small grids), ``level_reference``, ``adaptive_stride`` and ``random_odd_batch`` as in ToMe.
 
 The pooled-agent variant (``agent_source="pool"``) takes the agents as the 2-D adaptive average pool
 of the queries on the layer's grid (about ``num_agents`` of them) — the simple baseline.
@@ -48,7 +54,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ..patterns.tome import bipartite_matching, fit_stride, merge_count
+from ..kernels.api import log_once
+from ..patterns.tome import bipartite_matching, merge_count
 from .base import AttentionMethod, AttnContext, MethodConfig, register_method
 from .tome import (
     LevelGate,
@@ -58,8 +65,11 @@ from .tome import (
     check_stride,
     draw_generator,
     match_metric,
+    merge_level,
     merged_attention,
+    random_destinations,
     require_unet,
+    window_stride,
 )
 
 __all__ = ["AgentConfig", "AgentMethod", "agent_attention", "pool_shape", "pooled_agents"]
@@ -77,24 +87,31 @@ class AgentConfig(MethodConfig):
         merge_ratio: fraction of tokens merged away from ``q, k, v`` before attention, in the agent
             steps and in the late token-merging steps. AgentSD: 0.4.
         stride: ``(sy, sx)`` destination windows of the matching in the agent steps. AgentSD: (4, 4).
-            Halved per axis where the grid has fewer than 4 windows along it (2×2 on small grids).
         late_stride: the same for the late token-merging steps. AgentSD: (2, 2).
         num_agents: agents of the pooled variant and of the DiT layout (about this many: the pool shape
             keeps the grid's aspect ratio). Default 256, AgentSD's agent count at 512².
         k_scale2: the agent-to-query softmax uses ``scale ** k_scale2`` (softer than ``scale``).
             AgentSD: 0.3.
         shortcut: weight of the ``+ shortcut·V`` term. AgentSD: 0.075.
-        agent_steps: agent attention runs for steps ``< agent_steps`` of a 50-step schedule, scaled to the
-            run's step count. AgentSD: 20.
+        agent_steps: agent attention runs for step indices ``< agent_steps``. AgentSD: 20 (of its 50).
+        scale_agent_steps: read ``agent_steps`` as steps of a 50-step schedule and scale it to the run's
+            step count (the same fraction of the schedule at any step count). AgentSD: no. Default False.
+        force_agents: run agent attention even when the agents are at least half the merged tokens
+            (AgentSD then runs plain attention among the merged tokens). Merged agents only. Default False.
         late: what runs after the agent steps: "tome" (token merging, AgentSD) or "dense". The DiT layout
             runs dense either way.
-        max_downsample: UNet layers downsampled at most this much from the highest-resolution attention
-            layer use the method (1, 2, 4 or 8); others run dense. AgentSD: 1.
-        metric: match tokens by their keys ("k") or queries ("q"). AgentSD matches the block input,
-            which the attention call does not see; "k" (see diffattn.methods.tome).
-        proportional: ``log(size)`` score bias for merged keys in the late token-merging steps.
-            AgentSD: False.
+        max_downsample: UNet layers downsampled at most this much use the method (1, 2, 4 or 8); others
+            run dense. AgentSD: 1.
+        metric: what tokens are matched on: "block" (the transformer block's input, AgentSD), "k" or "q"
+            (keys or queries; see diffattn.methods.tome). Default "block".
+        proportional: ``log(size)`` score bias for merged keys in plain token-merging calls (late steps,
+            and layers where the agents are too many). AgentSD: False.
+        level_reference: "latent" (downsampling against the UNet's input latent, AgentSD) or
+            "largest_layer" (against the largest attention layer of the forward).
+        adaptive_stride: halve both strides per axis on grids with fewer than 4 windows along it.
+            AgentSD: no. Default False.
         use_rand: random destination per window, seeded by (seed, step, layer). AgentSD: True.
+        random_odd_batch: keep random destinations for odd batches (AgentSD turns them off). Default False.
         seed: seed of those draws.
         layout: "unet" (Stable Diffusion UNets; other models raise) or "dit" (EXPERIMENTAL: pooled agents
             over the 3-D latent grid of a video/image transformer). Default "unet".
@@ -109,11 +126,16 @@ class AgentConfig(MethodConfig):
     k_scale2: float = 0.3
     shortcut: float = 0.075
     agent_steps: int = 20
+    scale_agent_steps: bool = False
+    force_agents: bool = False
     late: Literal["tome", "dense"] = "tome"
     max_downsample: int = 1
-    metric: Literal["k", "q"] = "k"
+    metric: Literal["block", "k", "q"] = "block"
     proportional: bool = False
+    level_reference: Literal["latent", "largest_layer"] = "latent"
+    adaptive_stride: bool = False
     use_rand: bool = True
+    random_odd_batch: bool = False
     seed: int = 0
     layout: Literal["unet", "dit"] = "unet"
 
@@ -130,7 +152,7 @@ class AgentConfig(MethodConfig):
         if not math.isfinite(self.shortcut):
             raise ValueError(f"shortcut must be a finite number (AgentSD: 0.075), got {self.shortcut}")
         if self.agent_steps < 0:
-            raise ValueError(f"agent_steps must be >= 0 (steps of a 50-step schedule; AgentSD: 20), got {self.agent_steps}")
+            raise ValueError(f"agent_steps must be >= 0 (a step index; AgentSD: 20), got {self.agent_steps}")
 
 
 # ------------------------------------------------------------------------------------------ math
@@ -206,7 +228,8 @@ class AgentMethod(AttentionMethod):
 
     def phase(self, ctx: AttnContext) -> str:
         """"agent" for the early steps, then ``config.late``."""
-        if ctx.step < ctx.scaled_step(self.config.agent_steps):
+        steps = self.config.agent_steps
+        if ctx.step < (ctx.scaled_step(steps) if self.config.scale_agent_steps else steps):
             return "agent"
         return self.config.late
 
@@ -222,30 +245,40 @@ class AgentMethod(AttentionMethod):
         b, heads, n, d = q.shape
         dense = attention_flops(b, heads, n, n, d)
         scale = ctx.scale if ctx.scale is not None else d**-0.5
-        level = self.gate.downsample(ctx, n)
+        level = merge_level(ctx, n, self.gate, cfg.level_reference)
         phase = self.phase(ctx)
         if level > cfg.max_downsample or phase == "dense" or (phase == "tome" and cfg.merge_ratio == 0.0):
             ctx.record(density=1.0, phase="dense", downsample=level, flops=dense)
             return F.scaled_dot_product_attention(q, k, v, scale=ctx.scale)
-        gen = draw_generator(cfg.seed, ctx) if cfg.use_rand else None
-        metric = match_metric(q, k, cfg.metric)
+        rand = random_destinations(cfg.use_rand, cfg.random_odd_batch, b)
+        gen = draw_generator(cfg.seed, ctx) if rand else None
+        metric = match_metric(q, k, cfg.metric, ctx)
+        stride = cfg.late_stride if phase == "tome" else cfg.stride
+        m = bipartite_matching(metric, (h, w), window_stride((h, w), stride, cfg.adaptive_stride), gen)
+        tm = m.merge_plan(merge_count(n, cfg.merge_ratio, m.src.numel()))
+        nm = tm.num_merged
+        agent_r = merge_count(n, cfg.agent_ratio, m.src.numel())
+        if phase == "agent" and cfg.agent_source == "merge" and 2 * (n - agent_r) >= nm and not cfg.force_agents:
+            log_once(
+                f"agent-plain-{ctx.layer}",
+                f"diffattn: agent: on layer {ctx.layer!r} the {n - agent_r} agents are at least half the {nm} "
+                "merged tokens; plain attention among the merged tokens runs there, as in AgentSD "
+                "(force_agents=True keeps agent attention)",
+            )
+            phase = "tome"
         if phase == "tome":
-            m = bipartite_matching(metric, (h, w), fit_stride((h, w), cfg.late_stride), gen)
-            tm = m.merge_plan(merge_count(n, cfg.merge_ratio, m.src.numel()))
             o = merged_attention(q, k, v, tm, ctx.scale, cfg.proportional)
-            flops = attention_flops(b, heads, tm.num_merged, tm.num_merged, d)
-            ctx.record(density=flops / dense, phase="tome", tokens=tm.num_merged, downsample=level, flops=flops)
+            flops = attention_flops(b, heads, nm, nm, d)
+            ctx.record(density=flops / dense, phase="tome", tokens=nm, downsample=level, flops=flops)
             return o
 
-        m = bipartite_matching(metric, (h, w), fit_stride((h, w), cfg.stride), gen)
-        tm = m.merge_plan(merge_count(n, cfg.merge_ratio, m.src.numel()))
         if cfg.agent_source == "merge":
-            agents = m.merge_plan(merge_count(n, cfg.agent_ratio, m.src.numel())).merge(q)
+            agents = m.merge_plan(agent_r).merge(q)
         else:
             agents = pooled_agents(q, (h, w), cfg.num_agents)
         qm, km, vm = tm.merge(q), tm.merge(k), tm.merge(v)
         om = agent_attention(qm, km, vm, agents, scale, scale**cfg.k_scale2, cfg.shortcut)
-        na, nm = agents.shape[-2], tm.num_merged
+        na = agents.shape[-2]
         flops = 2 * attention_flops(b, heads, nm, na, d)
         ctx.record(density=flops / dense, phase="agent", tokens=nm, agents=na, downsample=level, flops=flops)
         return tm.unmerge(om)
