@@ -46,8 +46,8 @@ def cells_of(region, h, w):
     return set(region) if isinstance(region, frozenset) else ref_cells(region, h, w)
 
 
-def ref_labels(regions, h, w):
-    """Label per cell: among the regions containing it, the smallest (ties: the later one)."""
+def ref_labels(regions, h, w, overlap="larger"):
+    """Label per cell: among the regions containing it, the largest (official) or smallest; ties: the later."""
     cells = [cells_of(b, h, w) for b in regions]
     labels = []
     for r in range(h):
@@ -56,7 +56,8 @@ def ref_labels(regions, h, w):
             if not owners:
                 labels.append(-1)
             else:
-                labels.append(min(owners, key=lambda i: (len(cells[i]), -i)))
+                sign = -1 if overlap == "larger" else 1
+                labels.append(min(owners, key=lambda i: (sign * len(cells[i]), -i)))
     return labels
 
 
@@ -66,15 +67,17 @@ def ref_bbox(cells):
     return min(rows), max(rows) + 1, min(cols), max(cols) + 1
 
 
-def ref_reposition(x, src, dst):
-    """x [C, h, w]: dst cell (t, u) takes src cell (r0 + floor((t - t0 + .5) * sh / dh), same for cols)."""
+def ref_reposition(x, src, dst, mode="nearest"):
+    """x [C, h, w]: dst cell (t, u) takes src cell r0 + floor((t - t0 + o) * sh / dh) (same for cols), with
+    o = 0 for "nearest" (the official, PyTorch's legacy rule) and o = 0.5 for "nearest-exact" (centres)."""
+    o = 0.5 if mode == "nearest-exact" else 0.0
     r0, r1, c0, c1 = src
     t0, t1, u0, u1 = dst
     out = torch.zeros_like(x)
     for t in range(t0, t1):
-        r = r0 + min(int(math.floor((t - t0 + 0.5) * (r1 - r0) / (t1 - t0))), r1 - r0 - 1)
+        r = r0 + min(int(math.floor((t - t0 + o) * (r1 - r0) / (t1 - t0))), r1 - r0 - 1)
         for u in range(u0, u1):
-            c = c0 + min(int(math.floor((u - u0 + 0.5) * (c1 - c0) / (u1 - u0))), c1 - c0 - 1)
+            c = c0 + min(int(math.floor((u - u0 + o) * (c1 - c0) / (u1 - u0))), c1 - c0 - 1)
             out[:, t, u] = x[:, r, c]
     return out
 
@@ -263,9 +266,25 @@ def test_box_cells_match_centre_rule(grid, box):
 
 
 @pytest.mark.parametrize("grid", [(5, 7), (8, 8)], ids=lambda g: f"h{g[0]}-w{g[1]}")
-def test_label_map_smaller_region_wins(grid):
+@pytest.mark.parametrize("overlap", ["larger", "smaller"])
+def test_label_map_overlap_rule(grid, overlap):
+    """Default: overlaps go to the larger region (the official mask post-processing); "smaller" is opt-in."""
     boxes = [(0.3, 0.3, 0.7, 0.7)] + BOXES_T[::-1]  # smallest first: list order alone would fail
-    assert label_map(boxes, *grid).tolist() == ref_labels(boxes, *grid)
+    got = label_map(boxes, *grid, overlap=overlap).tolist()
+    assert got == ref_labels(boxes, *grid, overlap)
+    assert got != ref_labels(boxes, *grid, "smaller" if overlap == "larger" else "larger")
+    if overlap == "larger":
+        assert label_map(boxes, *grid).tolist() == got and IRConfig().overlap == "larger"
+
+
+def test_overlap_goes_to_the_larger_region_in_the_attention_plan():
+    from diffattn.processors.ir import build_plan
+
+    big, small = (0.0, 0.0, 0.75, 0.75), (0.5, 0.5, 1.0, 1.0)
+    regions = IRRegions(target=[small, big], reference=[small, big])
+    labels = {o: build_plan(regions, IRConfig(overlap=o), 8, 8, "cpu").labels.view(8, 8) for o in ("larger", "smaller")}
+    assert int(labels["larger"][5, 5]) == 1 and int(labels["smaller"][5, 5]) == 0
+    assert int(labels["larger"][7, 7]) == 0 and int(labels["larger"][0, 0]) == 1
 
 
 def test_mask_regions_resize_by_area():
@@ -311,9 +330,18 @@ def test_reposition_identity_when_boxes_equal(mode):
     "src,dst", [((0, 3, 1, 4), (2, 8, 0, 9)), ((1, 7, 0, 9), (3, 5, 4, 6)), ((0, 2, 0, 5), (4, 9, 2, 5))],
     ids=["grow", "shrink", "mixed"],
 )
-def test_reposition_nearest_exact_index_map(src, dst):
+@pytest.mark.parametrize("mode", ["nearest", "nearest-exact"])
+def test_reposition_nearest_index_maps(src, dst, mode):
+    """Default "nearest" (official): source index floor(i * in / out); "nearest-exact" (opt-in) maps centres."""
     x = torch.arange(9 * 10, dtype=torch.float32).view(1, 1, 9, 10)
-    assert torch.equal(reposition(x, src, dst)[0], ref_reposition(x[0], src, dst))
+    got = reposition(x, src, dst, mode)[0]
+    assert torch.equal(got, ref_reposition(x[0], src, dst, mode))
+    # The two rules agree on integer upscales only (the "grow" case); with a 3 -> 5 resize they differ.
+    other = "nearest-exact" if mode == "nearest" else "nearest"
+    odd_src, odd_dst = (0, 3, 0, 3), (2, 7, 2, 7)
+    assert not torch.equal(reposition(x, odd_src, odd_dst, mode)[0], ref_reposition(x[0], odd_src, odd_dst, other))
+    if mode == "nearest":
+        assert torch.equal(reposition(x, src, dst)[0], got) and IRConfig().interpolation == "nearest"
 
 
 # ------------------------------------------------------------------------- processor vs reference

@@ -28,8 +28,10 @@ the target and for the reference images. On a layer's ``h x w`` grid a cell belo
 cell centre lies inside it (``[x0, x1) x [y0, y1)``); along an axis where the box covers no centre it
 keeps the cell under the box's centre. A mask is area-resized to the grid and thresholded at 0.5 (if
 nothing survives, its strongest cell is kept). Where target regions overlap, the cell goes to the
-*smaller* region (a small subject in front of a large one is not swallowed); equal areas go to the
-later subject. The official code also makes its segmentation masks disjoint before use.
+*larger* region (areas counted in cells of the grid; equal areas: the later subject), the rule of the
+official mask post-processing (``post_process_sam_mask`` with its no-overlap step: masks visited from
+small to large, each losing what any other still covers). ``IRConfig(overlap="smaller")`` gives it to
+the smaller region instead, so a small subject in front of a large one is not swallowed.
 
 Isolation and reference attention leave the *ratios* of the remaining attention probabilities
 unchanged: with ``P`` the softmax of the same scores over all concatenated keys with no mask, the
@@ -105,8 +107,13 @@ class IRConfig(MethodConfig):
             ``None`` = 36 on a 70-layer SDXL UNet, scaled to other depths (8 of 16 on SD 1.x).
         start_step: First denoising step with reference attention (default 0).
         end_step: Step at which reference attention stops (exclusive); ``None`` = never (default).
-        interpolation: Resampling used by reposition. ``"nearest-exact"`` (default) maps cell centres
-            to cell centres; ``"nearest"`` is the official (PyTorch legacy) choice; ``"bilinear"``.
+        interpolation: Resampling used by reposition. ``"nearest"`` (default) is the official choice
+            (PyTorch's legacy nearest: source index ``floor(dst * in / out)``); ``"nearest-exact"`` maps
+            cell centres to cell centres (symmetric: a box moved into one of the same size shifted by
+            half a cell is not skewed towards its top-left); ``"bilinear"``.
+        overlap: which target region gets a cell where regions overlap: ``"larger"`` (default, the
+            official mask post-processing) or ``"smaller"`` (a small subject in front of a large one
+            keeps its cells).
         reference_dropout: Fraction of target subject queries that skip the references, redrawn at
             every step (per grid); trades some consistency for variety (default 0.5, the official
             run's ``dropout``; 0 = every subject query reads its reference).
@@ -127,7 +134,8 @@ class IRConfig(MethodConfig):
     start_layer: int | None = None
     start_step: int = 0
     end_step: int | None = None
-    interpolation: Literal["nearest-exact", "nearest", "bilinear"] = "nearest-exact"
+    interpolation: Literal["nearest", "nearest-exact", "bilinear"] = "nearest"
+    overlap: Literal["larger", "smaller"] = "larger"
     reference_dropout: float = 0.5
     seed: int = 0
     mutual_cross_attention: float = 0.9
@@ -275,13 +283,22 @@ def region_cells(region: tuple | torch.Tensor, h: int, w: int) -> tuple[int, int
     return box_cells(region, h, w)
 
 
-def label_map(regions: Sequence[tuple | torch.Tensor], h: int, w: int, device=None) -> torch.Tensor:
-    """Long ``[h*w]``: subject index per cell, -1 for background; overlaps go to the smaller region."""
+def label_map(
+    regions: Sequence[tuple | torch.Tensor], h: int, w: int, device=None, overlap: str = "larger"
+) -> torch.Tensor:
+    """Long ``[h*w]``: subject index per cell, -1 for background.
+
+    Overlapping cells go to the ``"larger"`` or ``"smaller"`` region (areas in grid cells); on equal
+    areas the later subject wins.
+    """
+    if overlap not in ("larger", "smaller"):
+        raise ValueError(f"overlap must be 'larger' or 'smaller', got {overlap!r}")
     masks = [region_mask(r, h, w, device) for r in regions]
     areas = [int(m.sum()) for m in masks]
     labels = torch.full((h, w), -1, dtype=torch.long, device=device)
-    # Paint large to small so the smaller region is on top; ties keep list order (later wins).
-    for i in sorted(range(len(masks)), key=lambda i: -areas[i]):
+    sign = 1 if overlap == "larger" else -1
+    # The region painted last owns the cell; a stable sort paints equal areas in list order.
+    for i in sorted(range(len(masks)), key=lambda i: sign * areas[i]):
         labels[masks[i]] = i
     return labels.flatten()
 
@@ -290,14 +307,14 @@ def reposition(
     x: torch.Tensor,
     src: tuple[int, int, int, int],
     dst: tuple[int, int, int, int],
-    mode: str = "nearest-exact",
+    mode: str = "nearest",
 ) -> torch.Tensor:
     """Crop ``x[..., src]`` and resize it into ``dst`` of a zero tensor of the same shape.
 
     Args:
         x: ``[B, C, h, w]`` features on the layer's grid.
         src, dst: cell boxes ``(r0, r1, c0, c1)`` (half-open), e.g. from :func:`region_cells`.
-        mode: ``"nearest-exact"`` (centre to centre), ``"nearest"`` or ``"bilinear"``.
+        mode: ``"nearest"`` (the official choice), ``"nearest-exact"`` (centre to centre) or ``"bilinear"``.
     Returns:
         ``[B, C, h, w]``: the resized crop inside ``dst``, zeros elsewhere.
     """
@@ -400,7 +417,7 @@ class IRPlan:
 
 
 def build_plan(regions: IRRegions, config: IRConfig, h: int, w: int, device) -> IRPlan:
-    labels = label_map(regions.target, h, w, device)
+    labels = label_map(regions.target, h, w, device, config.overlap)
     src = [region_cells(r, h, w) for r in regions.reference]
     dst = [region_cells(r, h, w) for r in regions.target]
     ref_allowed = []
