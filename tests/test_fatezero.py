@@ -23,8 +23,15 @@ from diffattn.pipelines.tiny_sd import tiny_sd_pipeline
 from diffattn.processors.fatezero import (
     FateZeroAttnProcessor,
     FateZeroConfig,
+    AttentionStore,
+    EditPlan,
     FateZeroState,
+    StoredLayer,
+    blend_layer_names,
     blend_mask_from_maps,
+    cross_alpha,
+    cross_step_range,
+    step_range,
     frame_reference_indices,
     refine_mapper,
     word_swap_mapper,
@@ -203,7 +210,8 @@ def test_edit_with_source_prompt_reproduces_reconstruction(pipe, frames):
     max_q, g = 16, 3.0
     z_inv_ref, ref_maps = _reference_inversion(pipe, frames, max_q)
     z_rec_ref = _reference_reconstruction(pipe, z_inv_ref, ref_maps, max_q, g, fuse=True)
-    cfg = _cfg(max_query_tokens=max_q, self_replace_steps=1.0, cross_replace_steps=1.0, cross_mode="replace")
+    cfg = _cfg(max_query_tokens=max_q, self_replace_steps=1.0, cross_replace_steps=1.0, cross_mode="replace",
+               encode_mean=True)
     inv = pipe.invert(frames, SOURCE, num_inference_steps=STEPS, config=cfg)
     assert_close(inv.latents, z_inv_ref, torch.float32)  # same inversion ...
     for (i, name), m in ref_maps.items():  # ... storing the same maps
@@ -348,13 +356,162 @@ def test_word_tokens_and_mappers(pipe):
         word_token_indices("a cat", ["cat"], None)
     m = word_swap_mapper("a cat on a mat", "a dog on a mat", tok)
     assert torch.equal(m, torch.eye(77))
-    m = word_swap_mapper("a zebra on a mat", "a dog on a mat", tok)  # 5 source tokens -> 1 target token
-    assert torch.allclose(m[2:7, 2], torch.full((5,), 0.2)) and m[7, 3] == 1 and m[11, 7] == 1
-    assert torch.allclose(m.sum(0), torch.ones(77))
+    # 5 source tokens -> 1 target token. Official rule: the target token gets the sum of the source tokens
+    # divided by the target's count (1), and after the swap target token j reads source token j.
+    m = word_swap_mapper("a zebra on a mat", "a dog on a mat", tok)
+    assert torch.equal(m[2:7, 2], torch.ones(5)) and m[3, 3] == 1 and m[7, 7] == 1 and m[7, 3] == 0
+    assert m[:, 2].sum() == 5 and torch.equal(m[:, 3:73], torch.eye(77)[:, 3:73])
+    assert m[:, 73:].sum() == 0  # the walk ends when the source side reaches 77 tokens, as the official one
+    # realign_swapped_words=True: the mean of the source tokens, later words realigned to their own tokens.
+    r = word_swap_mapper("a zebra on a mat", "a dog on a mat", tok, realign=True)
+    assert torch.allclose(r[2:7, 2], torch.full((5,), 0.2)) and r[7, 3] == 1 and r[11, 7] == 1
+    assert torch.allclose(r.sum(0), torch.ones(77))
+    # 1 source token -> 5 target tokens: each gets 1/5 of it; the official rule shifts nothing back.
+    m = word_swap_mapper("a dog on a mat", "a zebra on a mat", tok)
+    assert torch.allclose(m[2, 2:7], torch.full((5,), 0.2)) and m[7, 7] == 1 and m[3, 7] == 0
     with pytest.raises(ValueError, match="same number of words"):
         word_swap_mapper("a cat", "a red cat", tok)
     index, keep = refine_mapper(tok("a cat on a mat").input_ids, tok("a red cat on a mat").input_ids)
     assert index[:8].tolist() == [0, 1, 0, 2, 3, 4, 5, 6] and keep[:8].tolist() == [1, 1, 0, 1, 1, 1, 1, 1]
+
+
+# ------------------------------------------------------------------- the official rules, one test each
+def test_cross_steps_cover_int_fraction_of_steps_plus_one():
+    """The official cross schedule has N + 1 rows: steps [int(lo*(N+1)), int(hi*(N+1)))."""
+    assert cross_step_range(0.5, 5) == (0, 3) and step_range(0.5, 5) == (0, 2)
+    assert cross_step_range((0.2, 0.8), 9) == (2, 8) and step_range((0.2, 0.8), 9) == (1, 7)
+    alpha = cross_alpha(5, 7, 0.5)
+    assert alpha.shape == (6, 7) and alpha[:3].eq(1).all() and alpha[3:].eq(0).all()
+
+
+def test_per_word_cross_schedules():
+    cfg = FateZeroConfig(cross_replace_steps={"default_": 0.4, "dog": (0.2, 1.0)})
+    assert cfg.cross_replace_steps == 0.4 and cfg.cross_replace_word_steps == (("dog", (0.2, 1.0)),)
+    assert FateZeroConfig(cross_replace_steps={"dog": 0.5}).cross_replace_steps == (0.0, 1.0)
+    assert FateZeroConfig.from_json(cfg.to_json()) == cfg
+    alpha = cross_alpha(9, 6, 0.4, [([2, 3], (0.2, 1.0))])  # N + 1 = 10 rows
+    assert alpha[:4, 0].eq(1).all() and alpha[4:, 0].eq(0).all()
+    assert alpha[:2, 2].eq(0).all() and alpha[2:, 2].eq(1).all() and torch.equal(alpha[:, 2], alpha[:, 3])
+    stored, current = torch.rand(1, 1, 4, 6), torch.rand(1, 1, 4, 6)
+    plan = EditPlan(self_range=(0, 0), cross_alpha=alpha)
+    out = plan.cross_edit(stored, current, 5)  # step 5: only the word's tokens take the stored map
+    assert torch.equal(out[..., 2:4], stored[..., 2:4]) and torch.equal(out[..., [0, 1, 4, 5]], current[..., [0, 1, 4, 5]])
+
+
+def test_pipeline_per_word_schedule_uses_target_word_tokens(pipe, frames):
+    inv = pipe.invert(frames, SOURCE, num_inference_steps=STEPS, config=_cfg())
+    cfg = inv.config.replace(cross_replace_steps=0.0, cross_replace_word_steps=(("dog", 1.0),))
+    plan = pipe.edit_plan(inv, "a dog on a mat", pipe.tokenizer("a dog on a mat").input_ids, cfg, 77)
+    assert torch.equal(plan.cross_alpha.nonzero()[:, 1].unique(), torch.tensor([2]))
+    assert plan.cross_alpha[:, 2].tolist() == [1.0] * (STEPS + 1)
+
+
+def test_blend_threshold_of_one_or_more_means_no_masked_fusion():
+    """Official configs use blend_th >= 1 to turn masked self-attention fusion off: the normalised map never
+    exceeds 1, so the mask is empty and the self-attention is the inverted map."""
+    FateZeroConfig(blend_threshold=2.0)
+    with pytest.raises(ValueError, match="blend_threshold"):
+        FateZeroConfig(blend_threshold=-0.1)
+    maps = torch.rand(2, 2, 16, 5)
+    w = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0])
+    assert blend_mask_from_maps([maps], [(4, 4)], w, (4, 4), 1.0).sum() == 0
+    assert blend_mask_from_maps([maps], [(4, 4)], w, (4, 4), 0.99).sum() > 0
+
+
+def _sd_layers(side):
+    """Stored layers of an SD 1.x UNet at ``side`` px (cross and self; only <= 32**2 queries stored)."""
+    lat = side // 8
+    out = []
+    levels = [("down_blocks.0", lat, 2), ("down_blocks.1", lat // 2, 2), ("down_blocks.2", lat // 4, 2),
+              ("mid_block", lat // 8, 1), ("up_blocks.1", lat // 4, 3), ("up_blocks.2", lat // 2, 3),
+              ("up_blocks.3", lat, 3)]
+    for block, g, count in levels:
+        if g * g > 1024:
+            continue
+        for a in range(count):
+            for cross in (False, True):
+                name = f"{block}.attentions.{a}.transformer_blocks.0.attn{2 if cross else 1}"
+                out.append(StoredLayer(name, cross, 8, g * g, 77 if cross else g * g, (g, g)))
+    return out
+
+
+def test_blend_layers_are_the_official_stored_positions(caplog):
+    """down_cross[2:4] + up_cross[:3] of the stored layers: the 16x16 layers at 512 px, three 24x24 up-block
+    layers at 768 px (the former rule, nearest 16**2 tokens, took the single 12x12 mid layer there)."""
+    at512 = blend_layer_names(_sd_layers(512), "reference", 256)
+    assert [n.split(".attentions")[0] for n in at512] == ["down_blocks.2"] * 2 + ["up_blocks.1"] * 3
+    at768 = blend_layer_names(_sd_layers(768), "reference", 256)
+    assert len(at768) == 3 and all(n.startswith("up_blocks.1") for n in at768)
+    assert blend_layer_names(_sd_layers(768), "resolution", 256) == ["mid_block.attentions.0.transformer_blocks.0.attn2"]
+    small = [l for l in _sd_layers(512) if not l.name.startswith("down_blocks.2")][:6]
+    with caplog.at_level("WARNING", logger="diffattn"):
+        names = blend_layer_names(small, "reference", 256)
+    assert "blend_resolution" in caplog.text and names == blend_layer_names(small, "resolution", 256)
+
+
+def test_words_match_exactly_unless_normalized(pipe):
+    tok = pipe.tokenizer
+    with pytest.raises(ValueError, match="word_match='normalized'"):
+        word_token_indices("a Cat , on a mat", ["cat"], tok)
+    assert word_token_indices("a Cat , on a mat", ["Cat"], tok) == [2]
+    assert word_token_indices("a Cat , on a mat", ["cat"], tok, match="normalized") == [2]
+    assert word_token_indices("a cat. on a mat", ["cat."], tok) == word_token_indices("a cat. on a mat", ["cat"], tok, match="normalized")
+
+
+def test_vae_encoding_samples_the_posterior(pipe, frames):
+    """The official inversion encodes with latent_dist.sample(generator); encode_mean=True takes the mean."""
+    run = lambda seed, **kw: pipe.invert(frames, SOURCE, num_inference_steps=1, config=_cfg(**kw),
+                                         generator=torch.Generator().manual_seed(seed)).trajectory[0]
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    x = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        post = pipe.vae.encode(x).latent_dist
+        sample = post.sample(torch.Generator().manual_seed(0)) * pipe.vae.config.scaling_factor
+    assert_close(a, sample, torch.float32)
+    assert_close(run(0, encode_mean=True), post.mean * pipe.vae.config.scaling_factor, torch.float32)
+
+
+def test_latent_blend_is_the_union_of_source_and_target_masks():
+    f, g, n = 2, (4, 4), 10
+    layer = StoredLayer("up_blocks.1.attentions.0.transformer_blocks.0.attn2", True, 2, 16, 6, g)
+    store = AttentionStore(dtype=torch.float32)
+    torch.manual_seed(3)
+    def peaked(cell, token):
+        m = torch.rand(f, 2, 16, 6) * 0.1
+        m[:, :, cell, token] = 1.0
+        return m
+
+    for i in range(n):
+        store.add(i, layer, peaked(0, 1))
+    src_w, tgt_w = torch.tensor([0.0, 1, 0, 0, 0, 0]), torch.tensor([0.0, 0, 0, 1, 0, 0])
+    state = FateZeroState(FateZeroConfig(blend_words=(1,), blend_target_words=(3,), blend_latents=True))
+    state.store, state.mode = store, "edit"
+    state.plan = EditPlan(self_range=(0, 0), cross_alpha=torch.zeros(n + 1, 6), latent_source_weights=src_w,
+                          latent_target_weights=tgt_w, latent_range=(int(0.2 * n), int(0.8 * n)), blend_tokens=16,
+                          blend_layers="resolution", blend_threshold=0.6)
+    live = [peaked(15, 3) for _ in range(n)]
+    z, inv = torch.randn(f, 4, 8, 8), torch.randn(f, 4, 8, 8)
+    for j in range(n):
+        state.step = j
+        state.process(layer.name, True, 2, live[j])
+        out = state.blend_latents(z, inv)
+        if not int(0.2 * n) < j + 1 < int(0.8 * n):
+            assert torch.equal(out, z)
+            continue
+        m_src = blend_mask_from_maps([store.get(n - 1 - j, layer.name)], [g], src_w, (8, 8), 0.6)
+        m_tgt = blend_mask_from_maps([sum(live[: j + 1])], [g], tgt_w, (8, 8), 0.6)
+        mask = (m_src + m_tgt).clamp(max=1).reshape(f, 1, 8, 8)
+        assert 0 < mask.sum() < mask.numel()
+        assert_close(out, inv + mask * (z - inv), torch.float32)
+
+
+def test_pipeline_latent_blend_runs(pipe, frames):
+    inv = pipe.invert(frames, SOURCE, num_inference_steps=5, config=_cfg())
+    kw = dict(guidance_scale=2.0, output_type="latent", blend_words=("cat",), blend_resolution=4)
+    plain = pipe.edit(inv, "a dog on a mat", **kw).frames
+    blended = pipe.edit(inv, "a dog on a mat", blend_latents=True, blend_target_words=("dog",), **kw).frames
+    assert torch.isfinite(blended).all() and not torch.equal(plain, blended)
 
 
 # ----------------------------------------------------------------------------------- inputs/outputs

@@ -61,6 +61,7 @@ from ..processors.fatezero import (
     StoredLayer,
     install,
     refine_mapper,
+    cross_alpha,
     step_range,
     uninstall,
     word_swap_mapper,
@@ -376,11 +377,13 @@ class FateZeroPipeline(DiffusionPipeline):
         max_frames: Optional[int] = None,
         config: Optional[FateZeroConfig] = None,
         vae_batch_size: int = 8,
+        generator: Optional[torch.Generator] = None,
         **config_kwargs: Any,
     ) -> FateZeroInversion:
         """DDIM-invert ``video`` with the source prompt, storing attention maps at every step.
 
-        Frames are encoded with the VAE posterior mean (deterministic). Each inversion step ``i`` runs
+        Frames are encoded with a sample of the VAE posterior (official; drawn from ``generator``), or
+        its mean with ``encode_mean=True``. Each inversion step ``i`` runs
         the UNet at timestep ``timesteps[N-1-i]`` on the current latents with the source prompt only (no
         guidance) and applies the inverse DDIM update (eta = 0). Attention is dense. Raises
         ``ValueError`` before any UNet call when the store would exceed ``config.store_budget_bytes``.
@@ -391,6 +394,7 @@ class FateZeroPipeline(DiffusionPipeline):
             num_inference_steps: DDIM steps (the edit uses the same number).
             height, width, max_frames: see :meth:`load_video`.
             config: a :class:`FateZeroConfig`; ``config_kwargs`` override its fields.
+            generator: draws the VAE posterior sample (unless ``encode_mean``).
         """
         config = _merge_config(config, config_kwargs)
         if self.scheduler.config.prediction_type != "epsilon":
@@ -417,7 +421,8 @@ class FateZeroPipeline(DiffusionPipeline):
         latents = []
         for i in range(0, num_frames, vae_batch_size):
             chunk = frames[i : i + vae_batch_size].to(device, self.vae.dtype)
-            latents.append(self.vae.encode(chunk).latent_dist.mean)
+            posterior = self.vae.encode(chunk).latent_dist
+            latents.append(posterior.mean if config.encode_mean else posterior.sample(generator))
         z = torch.cat(latents).to(dtype) * self.vae.config.scaling_factor
         latent_hw = tuple(z.shape[-2:])
 
@@ -459,21 +464,29 @@ class FateZeroPipeline(DiffusionPipeline):
     ) -> EditPlan:
         """Step ranges, token mapping, equalizer and blend weights for one edit."""
         n = inversion.num_steps
-        plan = EditPlan(
-            self_range=step_range(config.self_replace_steps, n),
-            cross_range=step_range(config.cross_replace_steps, n),
-            blend_threshold=config.blend_threshold,
-            blend_tokens=config.blend_resolution**2,
-        )
         tokenizer = self.tokenizer
         source = inversion.source_prompt
+        match = config.word_match
+        word_steps = [
+            (word_token_indices(target_prompt, [word], tokenizer, text_len, "cross_replace_word_steps", match), value)
+            for word, value in config.cross_replace_word_steps
+        ]
+        plan = EditPlan(
+            self_range=step_range(config.self_replace_steps, n),
+            cross_alpha=cross_alpha(n, text_len, config.cross_replace_steps, word_steps),
+            blend_threshold=config.blend_threshold,
+            blend_tokens=config.blend_resolution**2,
+            blend_layers=config.blend_layers,
+        )
         have_words = tokenizer is not None and source is not None and target_prompt is not None
         mode = config.cross_mode
         if mode == "auto":
             same_words = not have_words or len(source.split(" ")) == len(target_prompt.strip().split(" "))
             mode = "replace" if same_words else "refine"
         if mode == "replace":
-            plan.mapper = word_swap_mapper(source, target_prompt, tokenizer if have_words else None, text_len)
+            plan.mapper = word_swap_mapper(
+                source, target_prompt, tokenizer if have_words else None, text_len, config.realign_swapped_words
+            )
         else:
             if inversion.source_ids is None or target_ids is None:
                 raise ValueError(
@@ -484,14 +497,22 @@ class FateZeroPipeline(DiffusionPipeline):
         if config.reweight_words:
             eq = torch.ones(text_len)
             for word, value in zip(config.reweight_words, config.reweight_values):
-                idx = word_token_indices(target_prompt, [word], tokenizer, text_len, what="reweight_words")
+                idx = word_token_indices(target_prompt, [word], tokenizer, text_len, "reweight_words", match)
                 eq[idx] = value
             plan.equalizer = eq
+        def weights(prompt, words, what):
+            w = torch.zeros(text_len)
+            w[word_token_indices(prompt, words, tokenizer, text_len, what, match)] = 1.0
+            return w
+
         if config.blend_words:
-            idx = word_token_indices(source, config.blend_words, tokenizer, text_len, what="blend_words")
-            weights = torch.zeros(text_len)
-            weights[idx] = 1.0
-            plan.blend_weights = weights
+            plan.blend_weights = weights(source, config.blend_words, "blend_words")
+        if config.blend_latents:
+            if config.blend_words:
+                plan.latent_source_weights = plan.blend_weights
+            if config.blend_target_words:
+                plan.latent_target_weights = weights(target_prompt, config.blend_target_words, "blend_target_words")
+            plan.latent_range = (int(0.2 * n), int(0.8 * n))
         return plan
 
     @torch.no_grad()
@@ -577,6 +598,8 @@ class FateZeroPipeline(DiffusionPipeline):
                     eps_u, eps_c = eps.chunk(2)
                     eps = eps_u + guidance_scale * (eps_c - eps_u)
                 z = self.scheduler.step(eps, t, z, eta=0.0).prev_sample
+                if state.plan.latent_range is not None:
+                    z = state.blend_latents(z, inversion.trajectory[inversion.num_steps - j])
         finally:
             uninstall(self.unet, previous)
 

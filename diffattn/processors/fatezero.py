@@ -5,12 +5,19 @@ training by (1) DDIM-inverting it with a source prompt while keeping every self-
 map of the small-resolution layers, then (2) denoising with a target prompt while swapping those maps
 back in, read in reverse step order so each edit step gets the map of the same timestep:
 
-* cross-attention, steps ``< cross_replace_steps``: replace (word-swap token mapping), refine (maps of
-  tokens aligned between the prompts; new tokens keep their own) and/or reweight (scale chosen tokens);
+* cross-attention, steps ``[int(lo*(N+1)), int(hi*(N+1)))`` of ``cross_replace_steps`` (per word if
+  asked): replace (word-swap token mapping), refine (maps of tokens aligned between the prompts; new
+  tokens keep their own) and/or reweight (scale chosen tokens);
 * self-attention, steps ``< self_replace_steps``: ``mask * edited + (1 - mask) * inverted``, where the
   mask comes from the source prompt's cross-attention to the blend words (or is 0 everywhere: full
   replacement, when no blend words are given);
-* only the conditional half of a classifier-free-guidance batch ``[uncond, cond]`` is changed.
+* only the conditional half of a classifier-free-guidance batch ``[uncond, cond]`` is changed;
+* optionally (``blend_latents``) the edited latents are blended with the inverted ones outside the
+  union of the source and target words' masks, between 20% and 80% of the steps.
+
+The defaults follow the official code (``prompt_attention/*``, ``p2p_ddim_spatial_temporal.py``): word
+matching is exact and case-sensitive, the blend mask reads the stored cross-attention at the official
+positions, ``blend_threshold >= 1`` means no masked fusion (the normalised map never exceeds 1).
 
 Every UNet self-attention can also be *spatial-temporal*: the frames of a clip sit in the batch
 (``[(B F), N, C]``) and each frame's keys/values are taken from a chosen list of frames (first,
@@ -24,12 +31,14 @@ at the top and know nothing of diffusers.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
+from ..kernels.api import log_once
 from ..methods.base import MethodConfig
 
 __all__ = [
@@ -43,6 +52,9 @@ __all__ = [
     "blend_mask_from_maps",
     "layer_grid",
     "step_range",
+    "cross_step_range",
+    "cross_alpha",
+    "blend_layer_names",
     "StoredLayer",
     "AttentionStore",
     "EditPlan",
@@ -66,22 +78,47 @@ class FateZeroConfig(MethodConfig):
         self_replace_steps: self-attention fusion runs for edit steps ``[int(lo*N), int(hi*N))``; a float
             ``hi`` means ``(0, hi)``. Paper/official configs use 0.5–0.9; default 0.8 (the official
             editing guidance).
-        cross_replace_steps: same for the cross-attention edit. Default 0.8 (paper).
+        cross_replace_steps: the cross-attention edit runs for steps ``[int(lo*(N+1)), int(hi*(N+1)))``
+            (the official schedule has ``N + 1`` rows); a float ``hi`` means ``(0, hi)``. Default 0.8
+            (paper). A dict is read as the official one: ``{"default_": 0.8, "word": (lo, hi), ...}``
+            (``default_`` missing means ``(0, 1)``), split into this field and ``cross_replace_word_steps``.
+        cross_replace_word_steps: per-word schedules ``((word, hi) or (word, (lo, hi)), ...)``: the tokens of
+            these target-prompt words follow their own range instead of ``cross_replace_steps``.
         cross_mode: ``"replace"`` maps each target token to its source token (word swap; prompts must
-            have the same number of space-separated words — a word that tokenizes to a different number
-            of tokens gets the mean of the source word's token maps), ``"refine"`` copies the maps of
-            tokens aligned by a global token alignment and leaves inserted tokens alone, ``"auto"``
-            (official behaviour, default) picks replace when the word counts match, refine otherwise.
-            Without a tokenizer, replace maps token ``i`` to token ``i`` and refine is unavailable.
+            have the same number of space-separated words), ``"refine"`` copies the maps of tokens
+            aligned by a global token alignment and leaves inserted tokens alone, ``"auto"`` (official
+            behaviour, default) picks replace when the word counts match, refine otherwise. Without a
+            tokenizer, replace maps token ``i`` to token ``i`` and refine is unavailable.
+        realign_swapped_words: word swap where a swapped word's token count differs: False (official)
+            gives each target token of the word the sum of the source word's token maps divided by the
+            target's token count, and after the last swapped word target token ``j`` reads source token
+            ``j``; True gives the mean of the source tokens and keeps every later word, EOS and padding on
+            its own source token (the official rule shifts them by the count difference).
         reweight_words: target-prompt words (or token indices) whose cross-attention is multiplied by
             ``reweight_values`` after replace/refine (the official "equalizer"; no renormalisation).
         reweight_values: one factor per reweighted word, e.g. ``(10.0,)`` for a style word.
         blend_words: source-prompt words (or token indices) to edit. With blend words the self-attention
             is ``mask * edited + (1 - mask) * inverted``; without, it is the inverted map (mask = 0).
-        blend_threshold: the normalised blend map is thresholded with ``>`` this value. Paper: 0.3.
-        blend_resolution: the blend map averages the stored source cross-attention of the layers whose
-            query grid has ``blend_resolution**2`` tokens (the 16×16 layers of SD at 512 px); on other
-            sizes, the stored cross layers with the nearest token count.
+        blend_threshold: the normalised blend map is thresholded with ``>`` this value. Paper: 0.3. A
+            value >= 1 selects nothing (the official configs' way to turn masked fusion off): the
+            self-attention is the inverted map, and latent blending keeps the inverted latents.
+        blend_layers: which stored cross-attention layers the blend map averages: ``"reference"``
+            (official: the stored down-block layers at positions 2–3 and the first three stored up-block
+            layers, i.e. the 16×16 layers of SD at 512 px, three 24×24 up-block layers at 768 px) or
+            ``"resolution"`` (the stored layers whose token count is nearest ``blend_resolution**2``:
+            one fixed resolution at any image size). Where the reference positions hold no layers or
+            layers of different grids (small UNets), the resolution rule is used, logged once.
+        blend_resolution: the grid side ``blend_layers="resolution"`` looks for. Default 16.
+        blend_latents: also blend the latents after each step ``int(0.2N) < j + 1 < int(0.8N)``:
+            ``inverted + mask * (edited - inverted)``, the mask being the union of the source words' mask
+            (``blend_words`` on the stored maps) and the target words' mask (``blend_target_words`` on
+            the edit's cross-attention summed over the steps so far), as the official ``blend_latents``.
+        blend_target_words: target-prompt words of the latent blend (official ``blend_words[1]``).
+        word_match: how words are found in a prompt: ``"exact"`` (official: equal to a space-separated
+            word, case and punctuation included) or ``"normalized"`` (case and trailing punctuation
+            ignored: ``"tiger"`` finds ``"Tiger,"``).
+        encode_mean: encode the video with the VAE posterior mean (deterministic) instead of a sample
+            of it (official; seeded by ``invert(generator=...)``). Default False.
         max_query_tokens: maps are stored and fused only for layers with at most this many queries per
             frame. Paper: 32² = 1024 (all but the 64×64 layers of SD at 512 px).
         frame_refs: keys/values of each frame's self-attention come from these frames, concatenated:
@@ -100,12 +137,19 @@ class FateZeroConfig(MethodConfig):
 
     self_replace_steps: Union[float, tuple[float, float]] = 0.8
     cross_replace_steps: Union[float, tuple[float, float]] = 0.8
+    cross_replace_word_steps: tuple[tuple[Union[str, int], Union[float, tuple[float, float]]], ...] = ()
     cross_mode: Literal["auto", "replace", "refine"] = "auto"
+    realign_swapped_words: bool = False
     reweight_words: tuple[Union[str, int], ...] = ()
     reweight_values: tuple[float, ...] = ()
     blend_words: tuple[Union[str, int], ...] = ()
     blend_threshold: float = 0.3
+    blend_layers: Literal["reference", "resolution"] = "reference"
     blend_resolution: int = 16
+    blend_latents: bool = False
+    blend_target_words: tuple[Union[str, int], ...] = ()
+    word_match: Literal["exact", "normalized"] = "exact"
+    encode_mean: bool = False
     max_query_tokens: int = 1024
     frame_refs: tuple[Union[int, str], ...] = ("middle",)
     temporal_min_channels: int = 640
@@ -113,18 +157,34 @@ class FateZeroConfig(MethodConfig):
     store_device: str = "cpu"
     store_budget_bytes: int = 64 * 2**30
 
+    def __post_init__(self) -> None:
+        steps = self.cross_replace_steps
+        if isinstance(steps, dict):
+            words = tuple((w, v) for w, v in steps.items() if w != "default_")
+            object.__setattr__(self, "cross_replace_steps", steps.get("default_", (0.0, 1.0)))
+            object.__setattr__(self, "cross_replace_word_steps", tuple(self.cross_replace_word_steps) + words)
+        super().__post_init__()
+
     def validate(self) -> None:
         for name in ("self_replace_steps", "cross_replace_steps"):
             lo, hi = _bounds(getattr(self, name))
             if not 0.0 <= lo <= hi <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: need 0 <= start <= end <= 1")
+        for word, value in self.cross_replace_word_steps:
+            lo, hi = _bounds(value)
+            if not 0.0 <= lo <= hi <= 1.0:
+                raise ValueError(f"cross_replace_word_steps entry {(word, value)!r}: need 0 <= start <= end <= 1")
+        if self.blend_latents and not (self.blend_words or self.blend_target_words):
+            raise ValueError("blend_latents=True needs blend_words and/or blend_target_words (the masks' words)")
         if len(self.reweight_words) != len(self.reweight_values):
             raise ValueError(
                 f"reweight_words={self.reweight_words!r} and reweight_values={self.reweight_values!r} "
                 "must have the same length (one factor per word)"
             )
-        if not 0.0 <= self.blend_threshold < 1.0:
-            raise ValueError(f"blend_threshold={self.blend_threshold!r}: need 0 <= value < 1 (paper: 0.3)")
+        if not 0.0 <= self.blend_threshold:
+            raise ValueError(
+                f"blend_threshold={self.blend_threshold!r}: need a value >= 0 (paper: 0.3; >= 1 turns masked fusion off)"
+            )
         if self.blend_resolution < 1 or self.max_query_tokens < 1:
             raise ValueError("blend_resolution and max_query_tokens must be >= 1")
         if not self.frame_refs:
@@ -148,6 +208,33 @@ def step_range(value: Union[float, tuple[float, float]], num_steps: int) -> tupl
     """Edit steps ``[start, end)`` covered by a fraction (or a ``(start, end)`` pair of fractions)."""
     lo, hi = _bounds(value)
     return int(lo * num_steps), int(hi * num_steps)
+
+
+def cross_step_range(value: Union[float, tuple[float, float]], num_steps: int) -> tuple[int, int]:
+    """The cross-attention edit's steps ``[int(lo*(N+1)), int(hi*(N+1)))``: the official schedule has a
+    row per step plus one (``num_steps + 1``), and the fractions are taken of that length."""
+    return step_range(value, num_steps + 1)
+
+
+def cross_alpha(
+    num_steps: int, text_len: int, default: Union[float, tuple[float, float]],
+    words: Sequence[tuple[Sequence[int], Union[float, tuple[float, float]]]] = (),
+) -> torch.Tensor:
+    """``[num_steps + 1, T]``: 1 where the cross-attention edit runs for (step, token).
+
+    Every token follows ``default``; the token indices of each ``(tokens, range)`` in ``words`` follow
+    their own range (later entries win)."""
+    alpha = torch.zeros(num_steps + 1, text_len)
+    lo, hi = cross_step_range(default, num_steps)
+    alpha[lo:hi] = 1.0
+    for tokens, value in words:
+        idx = torch.as_tensor(list(tokens), dtype=torch.long)
+        if idx.numel() == 0:
+            continue
+        lo, hi = cross_step_range(value, num_steps)
+        alpha[:, idx] = 0.0
+        alpha[lo:hi, idx] = 1.0
+    return alpha
 
 
 # --------------------------------------------------------------------------------- spatial-temporal
@@ -230,13 +317,19 @@ def _word_token_spans(prompt: str, tokenizer) -> list[list[int]]:
 
 
 def word_token_indices(
-    prompt: Optional[str], words: Sequence[Union[str, int]], tokenizer, max_len: int = 77, what: str = "words"
+    prompt: Optional[str], words: Sequence[Union[str, int]], tokenizer, max_len: int = 77, what: str = "words",
+    match: str = "exact",
 ) -> list[int]:
     """Token indices (BOS = 0) of ``words`` in ``prompt``; ints are taken as token indices as they are.
 
-    A word matches every space-separated word of the prompt equal to it (case and trailing
-    punctuation ignored); all its tokens are returned. Words need a tokenizer; without one give ints.
+    A word matches every space-separated word of the prompt equal to it — exactly (``match="exact"``,
+    the official rule: ``"tiger"`` does not match ``"tiger,"``) or ignoring case and trailing
+    punctuation (``"normalized"``); all its tokens are returned. Words need a tokenizer; without one
+    give ints.
     """
+    if match not in ("exact", "normalized"):
+        raise ValueError(f"match must be 'exact' or 'normalized', got {match!r}")
+    norm = _norm_word if match == "normalized" else (lambda x: x)
     out: list[int] = []
     spans = None
     for w in words:
@@ -254,21 +347,30 @@ def word_token_indices(
             )
         if spans is None:
             spans = _word_token_spans(prompt, tokenizer)
-        hits = [i for i, pw in enumerate(_prompt_words(prompt)) if _norm_word(pw) == _norm_word(w)]
+        hits = [i for i, pw in enumerate(_prompt_words(prompt)) if norm(pw) == norm(w)]
         if not hits:
-            raise ValueError(f"{what} entry {w!r} is not a word of the prompt {prompt!r} (words: {_prompt_words(prompt)})")
+            hint = "" if match == "normalized" else "; words match exactly (word_match='normalized' ignores case and punctuation)"
+            raise ValueError(
+                f"{what} entry {w!r} is not a word of the prompt {prompt!r} (words: {_prompt_words(prompt)}){hint}"
+            )
         for i in hits:
             out.extend(p for p in spans[i] if p < max_len)
     return sorted(set(out))
 
 
-def word_swap_mapper(source: Optional[str], target: Optional[str], tokenizer, max_len: int = 77) -> torch.Tensor:
+def word_swap_mapper(
+    source: Optional[str], target: Optional[str], tokenizer, max_len: int = 77, realign: bool = False
+) -> torch.Tensor:
     """Word-swap token mapping ``M`` ``[T, T]``: ``edited[..., j] = sum_i stored[..., i] * M[i, j]``.
 
-    Words are aligned one to one by position (the prompts must have the same number of words). Equal
-    words and words with equal token counts map token to token; a swapped word whose token count
-    differs gives every target token the mean of the source word's tokens. BOS, EOS and padding map to
-    themselves. Without a tokenizer (prompt embeddings), the mapping is the identity.
+    Words are paired by position (the prompts must have the same number of words); the swapped words
+    are the pairs that differ. The official rule (``realign=False``): tokens before and between swapped
+    words map one to one in order; a swapped word maps token to token when both words have as many
+    tokens, otherwise every target token of it gets the sum of the source word's tokens divided by the
+    target word's token count; after the last swapped word, target token ``j`` reads source token
+    ``j``. ``realign=True``: a swapped word of another token count gives each target token the mean of
+    the source word's tokens, and every later word, EOS and padding keeps reading its own source token.
+    Without a tokenizer (prompt embeddings), the mapping is the identity.
     """
     if tokenizer is None or source is None or target is None:
         return torch.eye(max_len)
@@ -280,22 +382,45 @@ def word_swap_mapper(source: Optional[str], target: Optional[str], tokenizer, ma
         )
     ss, st = _word_token_spans(source, tokenizer), _word_token_spans(target, tokenizer)
     m = torch.zeros(max_len, max_len)
-    m[0, 0] = 1.0
-    for a, b in zip(ss, st):
-        if len(a) == len(b):
-            for i, j in zip(a, b):
-                if i < max_len and j < max_len:
-                    m[i, j] = 1.0
+
+    def put(i: int, j: int, value: float) -> None:
+        if i < max_len and j < max_len:
+            m[i, j] = value
+
+    if realign:
+        put(0, 0, 1.0)
+        for a, b in zip(ss, st):
+            for j_pos, j in enumerate(b):
+                if len(a) == len(b):
+                    put(a[j_pos], j, 1.0)
+                else:
+                    for i in a:
+                        put(i, j, 1.0 / len(a))
+        end_s, end_t = ss[-1][-1] + 1, st[-1][-1] + 1
+        # EOS and padding: the k-th token after the target prompt takes the k-th token after the source
+        # prompt (the last source position once those run out), so every target column sums to 1.
+        for k in range(max_len - end_t):
+            put(min(end_s + k, max_len - 1), end_t + k, 1.0)
+        return m
+    swapped = [k for k in range(len(wt)) if ws[k] != wt[k]]
+    i = j = done = 0
+    while i < max_len and j < max_len:
+        if done < len(swapped) and ss[swapped[done]][0] == i:
+            a, b = ss[swapped[done]], st[swapped[done]]
+            for t_pos, t in enumerate(b):
+                if len(a) == len(b):
+                    put(a[t_pos], t, 1.0)
+                else:
+                    for src in a:
+                        put(src, t, 1.0 / len(b))
+            done += 1
+            i, j = i + len(a), j + len(b)
+        elif done < len(swapped):
+            put(i, j, 1.0)
+            i, j = i + 1, j + 1
         else:
-            for j in b:
-                for i in a:
-                    if i < max_len and j < max_len:
-                        m[i, j] = 1.0 / len(a)
-    end_s, end_t = ss[-1][-1] + 1, st[-1][-1] + 1
-    # EOS and padding: the k-th token after the target prompt takes the k-th token after the source
-    # prompt (the last source position once those run out), so every target column sums to 1.
-    for k in range(max_len - end_t):
-        m[min(end_s + k, max_len - 1), end_t + k] = 1.0
+            put(j, j, 1.0)
+            i, j = i + 1, j + 1
     return m
 
 
@@ -390,6 +515,33 @@ def blend_mask_from_maps(
     return mask.reshape(mask.shape[0], 1, -1, 1)
 
 
+def blend_layer_names(layers: Sequence["StoredLayer"], rule: str, blend_tokens: int) -> list[str]:
+    """The stored cross-attention layers a blend map averages (``layers`` in forward order).
+
+    ``"reference"``: the official positions among the stored cross layers, down-block ones ``[2:4]``
+    plus up-block ones ``[:3]``; where those are none or lie on different grids, the ``"resolution"``
+    rule (logged once): the stored cross layers whose token count is nearest ``blend_tokens``.
+    """
+    cross = [l for l in layers if l.is_cross]
+    if not cross:
+        raise ValueError("blend_words need stored cross-attention maps; none were stored")
+    if rule == "reference":
+        down = [l for l in cross if l.name.startswith("down_blocks")]
+        up = [l for l in cross if l.name.startswith("up_blocks")]
+        chosen = down[2:4] + up[:3]
+        if chosen and len({l.grid for l in chosen}) == 1:
+            return [l.name for l in chosen]
+        log_once(
+            f"fatezero-blend-layers-{[l.name for l in chosen]}",
+            f"diffattn: FateZero's blend layers (stored down-block cross layers [2:4] + up-block [:3]) are "
+            f"{'none' if not chosen else 'on grids ' + str(sorted({l.grid for l in chosen}))} on this UNet; "
+            "the blend map uses the stored cross layers nearest blend_resolution**2 tokens instead",
+            logging.WARNING,
+        )
+    best = min(abs(l.queries - blend_tokens) for l in cross)
+    return [l.name for l in cross if abs(l.queries - blend_tokens) == best]
+
+
 # --------------------------------------------------------------------------------------------- store
 @dataclass
 class StoredLayer:
@@ -446,7 +598,7 @@ class EditPlan:
     """Everything the edit needs per step, built once by the pipeline from a :class:`FateZeroConfig`."""
 
     self_range: tuple[int, int]
-    cross_range: tuple[int, int]
+    cross_alpha: torch.Tensor  # [N + 1, T]: 1 where (step, token) takes the edited cross-attention
     mapper: Optional[torch.Tensor] = None  # [T, T] word swap
     refine_index: Optional[torch.Tensor] = None  # [T]
     refine_keep: Optional[torch.Tensor] = None  # [T]
@@ -454,9 +606,15 @@ class EditPlan:
     blend_weights: Optional[torch.Tensor] = None  # [T], None = full self replacement
     blend_threshold: float = 0.3
     blend_tokens: int = 256
+    blend_layers: str = "reference"
+    latent_source_weights: Optional[torch.Tensor] = None  # [T] source words of the latent blend
+    latent_target_weights: Optional[torch.Tensor] = None  # [T] target words of the latent blend
+    latent_range: Optional[tuple[int, int]] = None  # blend after step j when lo < j + 1 < hi
 
-    def cross_edit(self, stored: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
-        """The edited cross-attention ``[F, H, Nq, T]`` from the stored source map and the live one."""
+    def cross_edit(self, stored: torch.Tensor, current: torch.Tensor, step: int) -> torch.Tensor:
+        """The edited cross-attention ``[F, H, Nq, T]`` from the stored source map and the live one:
+        the replaced/refined/reweighted map on the (step, token) pairs of ``cross_alpha``, the live map
+        elsewhere."""
         if self.mapper is not None:
             out = torch.einsum("fhqs,st->fhqt", stored, self.mapper.to(stored))
         elif self.refine_index is not None:
@@ -466,7 +624,8 @@ class EditPlan:
             out = stored
         if self.equalizer is not None:
             out = out * self.equalizer.to(out)
-        return out
+        alpha = self.cross_alpha[step].to(out)
+        return out * alpha + current * (1 - alpha)
 
 
 class FateZeroState:
@@ -491,6 +650,8 @@ class FateZeroState:
         self.latent_hw: tuple[int, int] = (1, 1)
         self.cfg = False
         self._mask_cache: dict[tuple[int, tuple[int, int]], torch.Tensor] = {}
+        self._blend_names: Optional[list[str]] = None
+        self.target_cross_sum: dict[str, torch.Tensor] = {}
 
     # -- called by processors -------------------------------------------------------------------
     def temporal_refs(self, channels: int) -> Sequence[FrameRef]:
@@ -505,13 +666,29 @@ class FateZeroState:
             grid = layer_grid(nq, self.latent_hw)
             self.store.add(self.step, StoredLayer(name, is_cross, heads, nq, probs.shape[-1], grid), probs)
             return probs
+        if is_cross and self.plan.latent_target_weights is not None and name in self.blend_names():
+            # The official latent blend reads the edit's own cross-attention summed over the steps so far.
+            live = probs[probs.shape[0] // 2 :] if self.cfg else probs
+            total = self.target_cross_sum.get(name)
+            self.target_cross_sum[name] = live.detach().float() if total is None else total + live.float()
         return self._edit(name, is_cross, probs)
+
+    def blend_names(self) -> list[str]:
+        if self._blend_names is None:
+            self._blend_names = blend_layer_names(
+                list(self.store.layers.values()), self.plan.blend_layers, self.plan.blend_tokens
+            )
+        return self._blend_names
 
     def _edit(self, name: str, is_cross: bool, probs: torch.Tensor) -> torch.Tensor:
         plan, step = self.plan, self.step
-        lo, hi = plan.cross_range if is_cross else plan.self_range
-        if not lo <= step < hi:
-            return probs
+        if is_cross:
+            if not bool(plan.cross_alpha[min(step, plan.cross_alpha.shape[0] - 1)].any()):
+                return probs
+        else:
+            lo, hi = plan.self_range
+            if not lo <= step < hi:
+                return probs
         stored_step = self.store.num_steps - 1 - step
         stored = self.store.get(stored_step, name).to(device=probs.device, dtype=probs.dtype)
         half = probs.shape[0] // 2 if self.cfg else 0
@@ -522,7 +699,7 @@ class FateZeroState:
                 f"{tuple(current.shape)}: edit with the frames, size and frame_refs of the inversion"
             )
         if is_cross:
-            edited = plan.cross_edit(stored, current)
+            edited = plan.cross_edit(stored, current, step)
         elif plan.blend_weights is None:
             edited = stored
         else:
@@ -535,17 +712,39 @@ class FateZeroState:
         """``[F, 1, h*w, 1]`` blend mask at grid ``out_hw`` from inversion step ``stored_step``."""
         key = (stored_step, out_hw)
         if key not in self._mask_cache:
-            cross = [l for l in self.store.layers.values() if l.is_cross]
-            if not cross:
-                raise ValueError("blend_words need stored cross-attention maps; none were stored")
-            target = self.plan.blend_tokens
-            best = min(abs(l.queries - target) for l in cross)
-            chosen = [l for l in cross if abs(l.queries - target) == best]
-            maps = [self.store.get(stored_step, l.name) for l in chosen]
+            names = self.blend_names()
+            maps = [self.store.get(stored_step, n) for n in names]
+            grids = [self.store.layers[n].grid for n in names]
             self._mask_cache[key] = blend_mask_from_maps(
-                maps, [l.grid for l in chosen], self.plan.blend_weights, out_hw, self.plan.blend_threshold
+                maps, grids, self.plan.blend_weights, out_hw, self.plan.blend_threshold
             )
         return self._mask_cache[key]
+
+    def blend_latents(self, z: torch.Tensor, inverted: torch.Tensor) -> torch.Tensor:
+        """The official latent blend after edit step ``self.step``: ``inverted + mask * (z - inverted)``.
+
+        ``mask`` (per frame, on the latent grid) is the union of the source words' mask from the stored
+        maps of the step's inversion step and the target words' mask from the edit's cross-attention
+        summed so far; outside ``plan.latent_range`` ``z`` is returned as is.
+        """
+        plan = self.plan
+        lo, hi = plan.latent_range
+        if not lo < self.step + 1 < hi:
+            return z
+        names = self.blend_names()
+        grids = [self.store.layers[n].grid for n in names]
+        hw = tuple(z.shape[-2:])
+        stored_step = self.store.num_steps - 1 - self.step
+        mask = torch.zeros(z.shape[0], 1, hw[0] * hw[1], 1, device=z.device)
+        if plan.latent_source_weights is not None:
+            maps = [self.store.get(stored_step, n) for n in names]
+            mask = mask + blend_mask_from_maps(maps, grids, plan.latent_source_weights, hw, plan.blend_threshold).to(z.device)
+        if plan.latent_target_weights is not None:
+            maps = [self.target_cross_sum[n] for n in names]
+            mask = mask + blend_mask_from_maps(maps, grids, plan.latent_target_weights, hw, plan.blend_threshold).to(z.device)
+        mask = mask.clamp(max=1.0).reshape(z.shape[0], 1, *hw).to(z.dtype)
+        inverted = inverted.to(device=z.device, dtype=z.dtype)
+        return inverted + mask * (z - inverted)
 
 
 # ----------------------------------------------------------------------------------------- processor
