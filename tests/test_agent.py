@@ -368,6 +368,11 @@ def test_dit_layout_equals_reference_with_text_and_padding(text_first):
                        step=20, num_steps=50, model="hunyuanvideo")
     dense = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
     assert torch.equal(get_method_class("agent")(cfg).attend(q, k, v, late), dense)
+    # The DiT layout scales the switch to the step count: step 4 of 10 is past 20 of 50.
+    late.step, late.num_steps = 4, 10
+    assert torch.equal(get_method_class("agent")(cfg).attend(q, k, v, late), dense)
+    late.step = 3
+    assert not torch.equal(get_method_class("agent")(cfg).attend(q, k, v, late), dense)
 
 
 def test_config_validation_and_json():

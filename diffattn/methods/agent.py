@@ -93,7 +93,8 @@ class AgentConfig(MethodConfig):
         k_scale2: the agent-to-query softmax uses ``scale ** k_scale2`` (softer than ``scale``).
             AgentSD: 0.3.
         shortcut: weight of the ``+ shortcut·V`` term. AgentSD: 0.075.
-        agent_steps: agent attention runs for step indices ``< agent_steps``. AgentSD: 20 (of its 50).
+        agent_steps: agent attention runs for step indices ``< agent_steps``. AgentSD: 20 (of its 50). The
+            DiT layout reads it as steps of a 50-step schedule, scaled to the run's step count.
         scale_agent_steps: read ``agent_steps`` as steps of a 50-step schedule and scale it to the run's
             step count (the same fraction of the schedule at any step count). AgentSD: no. Default False.
         force_agents: run agent attention even when the agents are at least half the merged tokens
@@ -228,8 +229,9 @@ class AgentMethod(AttentionMethod):
 
     def phase(self, ctx: AttnContext) -> str:
         """"agent" for the early steps, then ``config.late``."""
-        steps = self.config.agent_steps
-        if ctx.step < (ctx.scaled_step(steps) if self.config.scale_agent_steps else steps):
+        cfg, steps = self.config, self.config.agent_steps
+        # The DiT layout has no reference code to follow; it keeps the schedule's fraction at any length.
+        if ctx.step < (ctx.scaled_step(steps) if cfg.scale_agent_steps or cfg.layout == "dit" else steps):
             return "agent"
         return self.config.late
 
