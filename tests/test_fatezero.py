@@ -507,7 +507,7 @@ def test_latent_blend_is_the_union_of_source_and_target_masks():
 
 
 def test_pipeline_latent_blend_runs(pipe, frames):
-    inv = pipe.invert(frames, SOURCE, num_inference_steps=5, config=_cfg())
+    inv = pipe.invert(frames, SOURCE, num_inference_steps=STEPS, config=_cfg())  # blends after step 0 only
     kw = dict(guidance_scale=2.0, output_type="latent", blend_words=("cat",), blend_resolution=4)
     plain = pipe.edit(inv, "a dog on a mat", **kw).frames
     blended = pipe.edit(inv, "a dog on a mat", blend_latents=True, blend_target_words=("dog",), **kw).frames
