@@ -1,0 +1,158 @@
+"""diffattn inside a Diffusers deployment: state that travels with the model, the pipeline's schedule
+on both routes, the user's attention backend, and combinations that must refuse to run."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import diffattn
+from diffattn.processors.sparse import state_of
+
+from . import tiny_models as T
+
+
+def _sparse_rows(rows):
+    return [r for r in rows if "fallback" not in r]
+
+
+def test_deepcopy_carries_independent_sparse_state():
+    model = T.build("wan")
+    kw = T.inputs("wan", (3, 4, 6))
+    before = {k: type(p) for k, p in model.attn_processors.items()}
+    diffattn.apply(model, "radial", min_tokens=0, dense_layers=0, dense_steps=0)
+    twin = copy.deepcopy(model)
+    out = T.run(model, kw)
+    out_twin = T.run(twin, kw)
+    torch.testing.assert_close(out_twin, out, rtol=0, atol=0)
+    rows, rows_twin = diffattn.stats(model).rows, diffattn.stats(twin).rows
+    assert len(rows_twin) == len(rows) == 2
+    assert all(r["density"] < 1.0 for r in rows_twin), "the copy must run the sparse method"
+    T.run(twin, kw)
+    assert len(diffattn.stats(model).rows) == 2, "the copy's calls must not land in the original's stats"
+    assert state_of(twin) is not state_of(model)
+    diffattn.remove(twin)
+    assert {k: type(p) for k, p in twin.attn_processors.items()} == before
+    assert torch.equal(T.run(twin, kw), T.run(T.build("wan"), kw))
+    diffattn.remove(model)
+
+
+def test_processor_route_leaves_no_process_wide_hook():
+    from torch.nn.modules import module as nn_module
+
+    model = T.build("hunyuanvideo")
+    kw = T.inputs("hunyuanvideo", (3, 4, 6))
+    hooks_before = len(nn_module._global_forward_pre_hooks)
+    model.set_attn_processor(diffattn.SparseAttnProcessor(diffattn.DenseConfig(), min_tokens=0))
+    T.run(model, kw)
+    assert len(nn_module._global_forward_pre_hooks) == hooks_before
+    rows = diffattn.stats(model).rows
+    assert rows and all(r["grid"] == (3, 4, 6) and r["step"] == 0 for r in rows)
+    T.run(model, {**kw, "timestep": torch.full((2,), 300)})
+    assert {r["step"] for r in diffattn.stats(model).rows} == {0, 1}
+    diffattn.remove(model)
+
+
+def test_forward_on_meta_tensors():
+    with torch.device("meta"):
+        model = T.build("wan")
+    diffattn.apply(model, "dense", min_tokens=0)
+    kw = {k: v.to("meta") for k, v in T.inputs("wan", (3, 4, 6)).items()}
+    out = T.run(model, kw)
+    assert out.device.type == "meta" and out.shape == kw["hidden_states"].shape
+    diffattn.remove(model)
+
+
+def _pipe_call(pipe, steps):
+    torch.manual_seed(3)
+    pe, ne = torch.randn(1, 7, 32), torch.randn(1, 7, 32)
+    return pipe(
+        prompt_embeds=pe, negative_prompt_embeds=ne, num_frames=5, height=32, width=48, guidance_scale=5.0,
+        num_inference_steps=steps, output_type="latent", generator=torch.Generator().manual_seed(0),
+    ).frames
+
+
+def test_set_attn_processor_route_follows_the_pipeline_schedule():
+    """The pipeline publishes step_index / num_inference_steps in its cache context: an 8-step run
+    leaves warm-up after 2 steps (12 of 50, scaled), and matches apply(pipe) exactly."""
+    cfg = diffattn.RadialConfig(dense_layers=0)
+    a = T.wan_pipeline()
+    diffattn.apply(a, cfg, min_tokens=0)
+    out_a = _pipe_call(a, 8)
+    b = T.wan_pipeline()
+    b.transformer.set_attn_processor(diffattn.SparseAttnProcessor(cfg, min_tokens=0))
+    out_b = _pipe_call(b, 8)
+    torch.testing.assert_close(out_b, out_a, rtol=0, atol=0)
+    rows = diffattn.stats(b).rows
+    assert [(r["step"], r["branch"]) for r in rows[::2]] == [(s, br) for s in range(8) for br in range(2)]
+    assert {r["step"] for r in rows if r.get("warmup")} == {0, 1}
+    assert all(r["density"] < 1.0 for r in rows if r["step"] >= 2)
+    diffattn.remove(a)
+    diffattn.remove(b)
+
+
+def test_cache_context_gives_branch_and_step():
+    model = T.build("wan")
+    diffattn.apply(model, "dense", min_tokens=0)
+    kw = T.inputs("wan", (3, 4, 6))
+    for step in range(2):
+        for name in ("cond", "uncond"):
+            with model.cache_context(name, step_index=step, num_inference_steps=2):
+                T.run(model, kw)  # the same timestep every call: only the context tells the steps apart
+    rows = diffattn.stats(model).rows
+    assert [(r["step"], r["branch"]) for r in rows[::2]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    with model.cache_context("cond", step_index=0, num_inference_steps=2):
+        T.run(model, kw)
+    assert diffattn.stats(model).rows[-1]["generation"] == 2
+    diffattn.remove(model)
+
+
+def test_passthrough_keeps_the_users_attention_backend(monkeypatch):
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    name = AttentionBackendName._NATIVE_MATH
+    seen = []
+    original = _AttentionBackendRegistry._backends[name]
+
+    def spy(*args, **kwargs):
+        seen.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setitem(_AttentionBackendRegistry._backends, name, spy)
+    model = T.build("wan")
+    kw = T.inputs("wan", (3, 4, 6))
+    ref = T.run(model, kw)
+    model.set_attention_backend("_native_math")
+    diffattn.apply(model, "dense", min_tokens=10_000)
+    seen.clear()
+    out = T.run(model, kw)
+    # 2 self-attention calls (passed through) + 2 cross-attention calls (not diffattn's)
+    assert len(seen) == 4
+    torch.testing.assert_close(out, ref)
+    diffattn.remove(model)
+
+
+def test_apply_on_a_compiled_model_patches_the_inner_model():
+    model = T.build("wan")
+    compiled = torch.compile(model)
+    diffattn.apply(compiled, "dense", min_tokens=0)
+    assert isinstance(model.blocks[0].attn1.processor, diffattn.SparseAttnProcessor)
+    T.run(model, T.inputs("wan", (3, 4, 6)))
+    assert len(diffattn.stats(compiled)) == 2
+    diffattn.remove(compiled)
+    assert not isinstance(model.blocks[0].attn1.processor, diffattn.SparseAttnProcessor)
+
+
+def test_context_parallelism_refuses_instead_of_running_dense():
+    model = T.build("wan")
+    diffattn.apply(model, "dense", min_tokens=0)
+    proc = model.blocks[0].attn1.processor
+    with pytest.raises(NotImplementedError, match="context parallelism.*diffattn.remove"):
+        proc._parallel_config = SimpleNamespace()
+    diffattn.remove(model)
+    model._parallel_config = SimpleNamespace(context_parallel_config=SimpleNamespace())
+    with pytest.raises(NotImplementedError, match="context parallelism"):
+        diffattn.apply(model, "dense")
