@@ -156,3 +156,19 @@ def test_context_parallelism_refuses_instead_of_running_dense():
     model._parallel_config = SimpleNamespace(context_parallel_config=SimpleNamespace())
     with pytest.raises(NotImplementedError, match="context parallelism"):
         diffattn.apply(model, "dense")
+
+
+def test_adaspa_search_on_a_skipped_step_happens_at_the_next_computed_step():
+    """A step cache (e.g. one skipping the block at AdaSpa's search step) must not drop the search."""
+    model = T.build("wan")
+    diffattn.apply(model, "adaspa", min_tokens=0, block_size=16, warmup_steps=0, search_steps=(0, 20))
+    kw = T.inputs("wan", (3, 4, 6))
+    for step in (0, 1, 3):  # 10 steps: the second search is planned at step 4 of 10 ... skip it
+        with model.cache_context("cond", step_index=step, num_inference_steps=10):
+            T.run(model, kw)
+    with model.cache_context("cond", step_index=5, num_inference_steps=10):
+        T.run(model, kw)  # step 4 was skipped by the cache
+    rows = [r for r in diffattn.stats(model).rows if r["step"] == 5]
+    assert rows and all(r["search"] and r["search_planned_at"] == 4 for r in rows)
+    assert not any(r["search"] for r in diffattn.stats(model).rows if r["step"] in (1, 3))
+    diffattn.remove(model)

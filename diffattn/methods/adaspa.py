@@ -181,7 +181,11 @@ class AdaSpaMethod(VideoSparseMethod):
         b, h, n, d = q.shape
         signature = (tuple(ctx.grid), b, h, n, d, ctx.text_len, q.dtype, q.device)
         e = self.state.entry(ctx.cache_key, signature, ctx.step)
-        search_now = ctx.step in self.search_steps(ctx) and e.searched_at != ctx.step
+        # The latest planned search step reached: a step a cache skipped (no attention call) moves its
+        # search to the next computed step instead of dropping it.
+        due = max((s for s in self.search_steps(ctx) if s <= ctx.step), default=None)
+        search_now = due is not None and (e.searched_at is None or e.searched_at < due)
+        late = {"search_planned_at": due} if search_now and due != ctx.step else {}
         if e.layout is None or (search_now and (e.lse is None or not cfg.lse_cache)):
             # Fused search: the dense pass is this step's output and gives the exact LSE.
             dense = BlockSparseLayout.dense(1, 1, n, n, cfg.block_size, cfg.block_size, q.device)
@@ -191,14 +195,16 @@ class AdaSpaMethod(VideoSparseMethod):
             e.fused += 1
             ctx.record(
                 density=1.0, planned_density=e.density, recall=e.recall, search=True, search_kind="fused",
-                cache_hit=False,
+                cache_hit=False, **late,
             )
             return o, lse
         if search_now:
             self._plan(q, k, e.lse, ctx, e)
             e.cached += 1
             o, lse = kernel_attention(q, k, v, e.layout, ctx.scale, cfg.backend)
-            ctx.record(density=e.density, recall=e.recall, search=True, search_kind="cached", cache_hit=True)
+            ctx.record(
+                density=e.density, recall=e.recall, search=True, search_kind="cached", cache_hit=True, **late
+            )
             return o, lse
         e.hits += 1
         o, lse = kernel_attention(q, k, v, e.layout, ctx.scale, cfg.backend)
