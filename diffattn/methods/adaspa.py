@@ -30,7 +30,7 @@ import torch
 from ..kernels import BlockSparseLayout, block_mass
 from ..patterns.adaspa import plan_adaspa
 from .base import AttnContext, MethodConfig, register_method
-from .sparse import Backend, VideoSparseMethod, _check_block_size, kernel_attention
+from .sparse import Backend, VideoSparseMethod, _check_block_size, kernel_attention, dense_layout, layout_density
 
 __all__ = ["AdaSpaConfig", "AdaSpaMethod", "AdaSpaState"]
 
@@ -171,7 +171,7 @@ class AdaSpaMethod(VideoSparseMethod):
         )
         n = q.shape[2]
         e.layout = BlockSparseLayout.from_block_mask(mask, bs, bs, n, n)
-        e.density = e.layout.density
+        e.density = layout_density(e.layout)
         e.recall = float(info["recall"].mean())
         e.head_sparsity = info["sparsity"]
         e.searched_at = ctx.step
@@ -188,7 +188,7 @@ class AdaSpaMethod(VideoSparseMethod):
         late = {"search_planned_at": due} if search_now and due != ctx.step else {}
         if e.layout is None or (search_now and (e.lse is None or not cfg.lse_cache)):
             # Fused search: the dense pass is this step's output and gives the exact LSE.
-            dense = BlockSparseLayout.dense(1, 1, n, n, cfg.block_size, cfg.block_size, q.device)
+            dense = dense_layout(n, n, cfg.block_size, q.device)
             o, lse = kernel_attention(q, k, v, dense, ctx.scale, cfg.backend)
             self._plan(q, k, lse, ctx, e)
             e.lse = lse if cfg.lse_cache else None

@@ -472,7 +472,7 @@ class _Handler:
         if q.device.type == "meta":
             # Shape inference (e.g. building a model on the meta device): no values to plan from.
             return q.new_empty(b, h, n, v.shape[-1])
-        ok, key_padding = _key_padding(a.get("attn_mask"), b, n)
+        ok, key_padding = self.state.key_padding(a.get("attn_mask"), b, n, _key_padding)
         if not ok:
             self._record(name, fallback="attention mask is not a key-padding mask; ran the model's attention")
             return self.passthrough(func, args, kwargs)

@@ -22,7 +22,7 @@ import time
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -293,6 +293,19 @@ class ModelState:
 
     def end_forward(self) -> None:
         self.info = None
+        self._masks = {}
+
+    def key_padding(self, mask: Any, b: int, n: int, parse: Callable) -> tuple[bool, Any]:
+        """``parse(mask, b, n)`` once per mask and forward: every layer gets the model's same mask, and
+        parsing it reads the device."""
+        if mask is None:
+            return parse(mask, b, n)
+        masks = self.__dict__.setdefault("_masks", {})
+        key = (id(mask), b, n)
+        hit = masks.get(key)
+        if hit is None or hit[0] is not mask:
+            hit = masks[key] = (mask, parse(mask, b, n))
+        return hit[1]
 
     def timer(self) -> "_Timer":
         return _Timer(self.sync_timing)
