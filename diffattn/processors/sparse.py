@@ -11,8 +11,13 @@ Two ways in, one mechanism:
 * ``diffattn.apply(pipe, "radial", ...)`` wraps each self-attention module's processor and hooks the
   denoiser's forward to publish step, branch and grid.
 * ``pipe.transformer.set_attn_processor(SparseAttnProcessor(RadialConfig(...)))`` sets one shared
-  processor everywhere; it recreates each module's default processor to wrap, and a process-wide
-  forward pre-hook adopts the model (installs the same hooks) at its first forward.
+  processor everywhere; it recreates each module's default processor to wrap, and adopts the model
+  (installs the same hooks) at its first forward.
+
+Either way the state lives on the model (``model._diffattn_state``, the hooks are objects pointing to
+it), so ``copy.deepcopy`` gives an independent patched copy. Calls diffattn does not take run on the
+user's diffusers attention backend. Context parallelism is refused (it would shard the sequence the
+methods plan on).
 
 >>> import diffattn  # doctest: +SKIP
 >>> pipe.transformer.set_attn_processor(diffattn.SparseAttnProcessor(diffattn.DenseConfig()))  # doctest: +SKIP
