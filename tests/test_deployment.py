@@ -31,7 +31,9 @@ def test_deepcopy_carries_independent_sparse_state():
     rows, rows_twin = diffattn.stats(model).rows, diffattn.stats(twin).rows
     assert len(rows_twin) == len(rows) == 2
     assert all(r["density"] < 1.0 for r in rows_twin), "the copy must run the sparse method"
-    T.run(twin, kw)
+    with twin.cache_context("uncond", step_index=0, num_inference_steps=4):
+        T.run(twin, kw)
+    assert [r["branch"] for r in diffattn.stats(twin).rows[2:]] == [1, 1], "the copy must hear its own context"
     assert len(diffattn.stats(model).rows) == 2, "the copy's calls must not land in the original's stats"
     assert state_of(twin) is not state_of(model)
     diffattn.remove(twin)
@@ -214,3 +216,22 @@ def test_steady_state_attention_does_not_wait_on_the_host(family, method, fields
     assert calls and all("fallback" not in r and not r.get("search") for r in calls)
     assert counter.count <= len(calls), f"{counter.count} host syncs in {len(calls)} attention calls"
     diffattn.remove(model)
+
+
+def test_adaspa_search_survives_a_diffusers_taylorseer_cache():
+    """TaylorSeer (warm-up 2, interval 2) skips attn1 at steps 2, 4, 6 of 8; the second search is
+    planned at step 4 (25 of 50) and runs at step 5, the next one computed."""
+    from diffusers import TaylorSeerCacheConfig
+
+    pipe = T.wan_pipeline()
+    pipe.transformer.enable_cache(
+        TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=2, cache_identifiers=[r"blocks\.\d+\.attn1"])
+    )
+    diffattn.apply(pipe, "adaspa", min_tokens=0, block_size=16, warmup_steps=0, search_steps=(0, 25))
+    _pipe_call(pipe, 8)
+    rows = diffattn.stats(pipe).rows
+    assert {r["step"] for r in rows} == {0, 1, 3, 5, 7}
+    searched = sorted({(r["step"], r.get("search_planned_at")) for r in rows if r["search"]})
+    assert searched == [(0, None), (5, 4)]
+    diffattn.remove(pipe)
+    pipe.transformer.disable_cache()

@@ -213,6 +213,9 @@ def _stop_waiting() -> None:
 
 
 def _global_pre_hook(module: torch.nn.Module, args: tuple):
+    if not len(_waiting):  # every waiting processor was garbage-collected
+        _stop_waiting()
+        return None
     if "_diffattn_state" in module.__dict__:
         return None
     spec = spec_for(module)
