@@ -42,6 +42,18 @@ def test_deepcopy_carries_independent_sparse_state():
     diffattn.remove(model)
 
 
+def test_deepcopy_before_the_first_forward_on_the_processor_route():
+    model = T.build("wan")
+    model.set_attn_processor(diffattn.SparseAttnProcessor(diffattn.DenseConfig(), min_tokens=0))
+    twin = copy.deepcopy(model)
+    kw = T.inputs("wan", (3, 4, 6))
+    T.run(model, kw)
+    T.run(twin, kw)
+    assert len(diffattn.stats(model)) == len(diffattn.stats(twin)) == 2
+    diffattn.remove(model)
+    diffattn.remove(twin)
+
+
 def test_processor_route_leaves_no_process_wide_hook():
     from torch.nn.modules import module as nn_module
 

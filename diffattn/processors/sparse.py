@@ -216,23 +216,22 @@ def _global_pre_hook(module: torch.nn.Module, args: tuple):
     if not len(_waiting):  # every waiting processor was garbage-collected
         _stop_waiting()
         return None
-    if "_diffattn_state" in module.__dict__:
-        return None
     spec = spec_for(module)
     if spec is None:
         return None
     found = {m.processor for _, m in _attention_modules(module) if isinstance(m.processor, SparseAttnProcessor)}
     if not found:
         return None
-    state = adopt(module, spec)
-    _install_first_call_probes(module, state)
+    if "_diffattn_state" not in module.__dict__:
+        state = adopt(module, spec)
+        _install_first_call_probes(module, state)
+        log_once(
+            f"adopt-{spec.name}",
+            f"diffattn: found SparseAttnProcessor in a {type(module).__name__}; tracking its steps and grid",
+        )
     for proc in found:
         _waiting.discard(proc)
     _stop_waiting()
-    log_once(
-        f"adopt-{spec.name}",
-        f"diffattn: found SparseAttnProcessor in a {type(module).__name__}; tracking its steps and grid",
-    )
     return None
 
 
@@ -357,6 +356,12 @@ class SparseAttnProcessor:
         # signature: expose the wrapped processor's (or the union of the known ones).
         self.__call__ = _signature_proxy(self, inner)
         if inner is None:
+            _wait_for_model(self)
+
+    def __setstate__(self, state: dict) -> None:
+        # A copied (or unpickled) shared processor waits for its model like a new one.
+        self.__dict__.update(state)
+        if self.inner is None:
             _wait_for_model(self)
 
     # diffusers' set_attention_backend / enable_parallelism set these on every processor.
