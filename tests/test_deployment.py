@@ -247,3 +247,21 @@ def test_adaspa_search_survives_a_diffusers_taylorseer_cache():
     assert searched == [(0, None), (5, 4)]
     diffattn.remove(pipe)
     pipe.transformer.disable_cache()
+
+
+def test_dtype_change_and_save_pretrained_of_a_patched_model(tmp_path):
+    from diffusers import WanTransformer3DModel
+
+    model = T.build("wan")
+    diffattn.apply(model, "radial", min_tokens=0, dense_layers=0, dense_steps=0)
+    kw = T.inputs("wan", (3, 4, 6))
+    model.to(torch.bfloat16)
+    out = T.run(model, {k: v.to(torch.bfloat16) for k, v in kw.items()})
+    assert out.dtype == torch.bfloat16 and len(diffattn.stats(model)) == 2
+    assert all(r["density"] < 1.0 for r in diffattn.stats(model).rows)
+    model.save_pretrained(tmp_path)
+    loaded = WanTransformer3DModel.from_pretrained(tmp_path)
+    assert set(loaded.state_dict()) == set(model.state_dict())
+    assert not any(isinstance(p, diffattn.SparseAttnProcessor) for p in loaded.attn_processors.values())
+    diffattn.remove(model)
+    assert set(dict(model.named_modules())) == set(dict(loaded.named_modules()))
