@@ -30,7 +30,7 @@ import torch
 from ..kernels import BlockSparseLayout, block_mass
 from ..patterns.adaspa import plan_adaspa
 from .base import AttnContext, MethodConfig, register_method
-from .sparse import Backend, VideoSparseMethod, _check_block_size, kernel_attention
+from .sparse import Backend, VideoSparseMethod, _check_block_size, kernel_attention, dense_layout, layout_density
 
 __all__ = ["AdaSpaConfig", "AdaSpaMethod", "AdaSpaState"]
 
@@ -171,7 +171,7 @@ class AdaSpaMethod(VideoSparseMethod):
         )
         n = q.shape[2]
         e.layout = BlockSparseLayout.from_block_mask(mask, bs, bs, n, n)
-        e.density = e.layout.density
+        e.density = layout_density(e.layout)
         e.recall = float(info["recall"].mean())
         e.head_sparsity = info["sparsity"]
         e.searched_at = ctx.step
@@ -181,24 +181,30 @@ class AdaSpaMethod(VideoSparseMethod):
         b, h, n, d = q.shape
         signature = (tuple(ctx.grid), b, h, n, d, ctx.text_len, q.dtype, q.device)
         e = self.state.entry(ctx.cache_key, signature, ctx.step)
-        search_now = ctx.step in self.search_steps(ctx) and e.searched_at != ctx.step
+        # The latest planned search step reached: a step a cache skipped (no attention call) moves its
+        # search to the next computed step instead of dropping it.
+        due = max((s for s in self.search_steps(ctx) if s <= ctx.step), default=None)
+        search_now = due is not None and (e.searched_at is None or e.searched_at < due)
+        late = {"search_planned_at": due} if search_now and due != ctx.step else {}
         if e.layout is None or (search_now and (e.lse is None or not cfg.lse_cache)):
             # Fused search: the dense pass is this step's output and gives the exact LSE.
-            dense = BlockSparseLayout.dense(1, 1, n, n, cfg.block_size, cfg.block_size, q.device)
+            dense = dense_layout(n, n, cfg.block_size, q.device)
             o, lse = kernel_attention(q, k, v, dense, ctx.scale, cfg.backend)
             self._plan(q, k, lse, ctx, e)
             e.lse = lse if cfg.lse_cache else None
             e.fused += 1
             ctx.record(
                 density=1.0, planned_density=e.density, recall=e.recall, search=True, search_kind="fused",
-                cache_hit=False,
+                cache_hit=False, **late,
             )
             return o, lse
         if search_now:
             self._plan(q, k, e.lse, ctx, e)
             e.cached += 1
             o, lse = kernel_attention(q, k, v, e.layout, ctx.scale, cfg.backend)
-            ctx.record(density=e.density, recall=e.recall, search=True, search_kind="cached", cache_hit=True)
+            ctx.record(
+                density=e.density, recall=e.recall, search=True, search_kind="cached", cache_hit=True, **late
+            )
             return o, lse
         e.hits += 1
         o, lse = kernel_attention(q, k, v, e.layout, ctx.scale, cfg.backend)

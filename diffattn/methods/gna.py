@@ -23,7 +23,7 @@ import torch
 
 from ..patterns import neighborhood as na
 from .base import AttnContext, MethodConfig, register_method
-from .sparse import Backend, VideoSparseMethod, _check_block_size, kernel_attention
+from .sparse import Backend, VideoSparseMethod, _check_block_size, kernel_attention, layout_density
 
 __all__ = ["GNAConfig", "GNAMethod"]
 
@@ -118,7 +118,7 @@ class GNAMethod(VideoSparseMethod):
         # Padding to whole tiles can make the visited blocks outnumber dense attention's on tiny grids, so
         # the layout's own density (<= 1) is reported, with the work relative to dense alongside.
         ctx.record(
-            density=plan.layout.density,
+            density=layout_density(plan.layout),
             token_density=st["token_density"],
             work_vs_dense=st["block_density"],
             search=False,

@@ -42,7 +42,7 @@ from ..kernels.api import resolve_backend
 from ..kernels.quant_reference import quantized_block_sparse_attention
 from ..patterns.paro import AXIS_ORDERS, calibrate_paro, head_permutations, inverse_permutation, permute_heads
 from .base import AttnContext, MethodConfig, register_method
-from .sparse import Backend, VideoSparseMethod, _check_block_size, kernel_attention
+from .sparse import Backend, VideoSparseMethod, _check_block_size, kernel_attention, layout_density
 
 __all__ = ["PAROConfig", "PAROMethod", "PAROState"]
 
@@ -214,7 +214,7 @@ class PAROMethod(VideoSparseMethod):
             )
         else:
             op, lsep = quantized_block_sparse_attention(qp, kp, vp, layout, ctx.scale, cfg.qk_bits, cfg.pv_bits)
-        ctx.record(density=layout.density, search=False, cache_hit=True)
+        ctx.record(density=layout_density(layout), search=False, cache_hit=True)
         return permute_heads(op, inv), permute_heads(lsep, inv)
 
     def _calibrate(self, q, k, v, ctx, key, grid):

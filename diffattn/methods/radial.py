@@ -20,7 +20,7 @@ import torch
 
 from ..patterns import radial as radial_pattern
 from .base import AttnContext, MethodConfig, register_method
-from .sparse import Backend, VideoSparseMethod, _check_block_size, kernel_attention
+from .sparse import Backend, VideoSparseMethod, _check_block_size, kernel_attention, layout_density
 
 __all__ = ["RadialConfig", "RadialMethod"]
 
@@ -108,5 +108,5 @@ class RadialMethod(VideoSparseMethod):
         hits = radial_pattern.layout_cache_hits()
         layout = self.layout(ctx.grid, q.device)
         o, lse = kernel_attention(q, k, v, layout, ctx.scale, self.config.backend)
-        ctx.record(density=layout.density, search=False, cache_hit=radial_pattern.layout_cache_hits() > hits)
+        ctx.record(density=layout_density(layout), search=False, cache_hit=radial_pattern.layout_cache_hits() > hits)
         return o, lse

@@ -21,6 +21,7 @@ from .base import AttentionMethod, AttnContext, MethodConfig, register_method
 
 __all__ = [
     "DenseConfig", "DenseMethod", "KernelCall", "VideoSparseMethod", "capture_kernel_calls", "kernel_attention",
+    "dense_layout", "layout_density",
 ]
 
 class KernelCall(NamedTuple):
@@ -91,6 +92,49 @@ def kernel_attention(
     return o, lse
 
 
+_DENSE_LAYOUTS: dict[tuple, BlockSparseLayout] = {}
+
+
+def dense_layout(nq: int, nk: int, block: int, device: torch.device) -> BlockSparseLayout:
+    """The all-blocks layout for one shape, built once (building and validating one reads the device)."""
+    key = (nq, nk, block, str(device))
+    layout = _DENSE_LAYOUTS.get(key)
+    if layout is None:
+        if len(_DENSE_LAYOUTS) >= 256:
+            _DENSE_LAYOUTS.clear()
+        layout = _DENSE_LAYOUTS[key] = BlockSparseLayout.dense(1, 1, nq, nk, block, block, device=device)
+    return layout
+
+
+def layout_density(layout: BlockSparseLayout) -> float:
+    """``layout.density``, read from the device once per layout object and kept on it: layouts that are
+    reused across calls then add no host synchronisation to the stats rows."""
+    d = layout.__dict__.get("_planned_density")
+    if d is None:
+        d = layout.density
+        object.__setattr__(layout, "_planned_density", d)
+    return d
+
+
+_PADDING_LAYOUTS: dict[tuple, tuple[torch.Tensor, BlockSparseLayout]] = {}
+
+
+def padding_layout(key_valid: torch.Tensor, nq: int, block: int) -> BlockSparseLayout:
+    """``BlockSparseLayout.from_key_padding``, built once per mask: every layer of a forward shares the
+    model's padding mask, and parsing it reads the device. Keyed by the mask's memory, view and version
+    counter (an in-place change rebuilds); the entry keeps the mask alive so its memory is not reused."""
+    key = (key_valid.data_ptr(), tuple(key_valid.shape), key_valid.stride(), key_valid._version, nq, block,
+           str(key_valid.device))
+    hit = _PADDING_LAYOUTS.get(key)
+    if hit is not None:
+        return hit[1]
+    if len(_PADDING_LAYOUTS) >= 64:
+        _PADDING_LAYOUTS.pop(next(iter(_PADDING_LAYOUTS)))
+    layout = BlockSparseLayout.from_key_padding(key_valid, nq, block, block)
+    _PADDING_LAYOUTS[key] = (key_valid, layout)
+    return layout
+
+
 def _key_valid(ctx: AttnContext, b: int, n: int, device: torch.device) -> torch.Tensor | None:
     kp = ctx.key_padding
     if kp is None:
@@ -113,9 +157,9 @@ def dense_with_padding(
     b, h, nq, _ = q.shape
     nk = k.shape[-2]
     if key_valid is None:
-        layout = BlockSparseLayout.dense(1, 1, nq, nk, block, block, device=q.device)
+        layout = dense_layout(nq, nk, block, q.device)
     else:
-        layout = BlockSparseLayout.from_key_padding(key_valid, nq, block, block)
+        layout = padding_layout(key_valid, nq, block)
     return kernel_attention(q, k, v, layout, scale, backend)
 
 

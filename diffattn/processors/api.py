@@ -9,7 +9,7 @@ import torch
 
 from ..methods import MethodConfig, get_method_class, make_config
 from .models import ModelSpec, spec_for, supported_models
-from .sparse import DEFAULT_MIN_TOKENS, SparseAttnProcessor, adopt, release, state_of
+from .sparse import DEFAULT_MIN_TOKENS, SparseAttnProcessor, _parallel_message, adopt, release, state_of
 from .state import Stats
 
 __all__ = ["apply", "remove", "stats", "denoisers", "method_of"]
@@ -21,15 +21,26 @@ def _is_pipeline(obj: Any) -> bool:
     return hasattr(obj, "components") and isinstance(getattr(obj, "components", None), dict)
 
 
+def _unwrap(model: Any) -> Any:
+    """The model inside ``torch.compile(model)``: diffattn patches it, and the compiled wrapper (which
+    calls it) picks the patch up."""
+    while isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        model = model._orig_mod
+    return model
+
+
 def denoisers(target: Any) -> list[tuple[str, torch.nn.Module]]:
     """The attention-bearing denoiser models of a pipeline, or ``[("model", target)]`` for a model."""
     if _is_pipeline(target):
-        found = [(n, getattr(target, n)) for n in _DENOISER_ATTRS if getattr(target, n, None) is not None]
+        found = [
+            (n, _unwrap(getattr(target, n))) for n in _DENOISER_ATTRS if getattr(target, n, None) is not None
+        ]
         if not found:
             raise ValueError(
                 f"{type(target).__name__} has no transformer/transformer_2/unet component to patch"
             )
         return found
+    target = _unwrap(target)
     if isinstance(target, torch.nn.Module) and hasattr(target, "set_attn_processor"):
         return [("model", target)]
     raise TypeError(
@@ -103,6 +114,9 @@ def apply(
                 "To run anyway, describe it with spec=diffattn.ModelSpec(...) (which modules are "
                 "self-attention, where text sits, how the grid follows from the inputs)."
             )
+        parallel = getattr(model, "_parallel_config", None)
+        if getattr(parallel, "context_parallel_config", None) is not None:
+            raise NotImplementedError(_parallel_message(parallel.context_parallel_config))
         plans.append((comp, model, model_spec))
     for _, model, _ in plans:
         _remove_model(model)
@@ -146,8 +160,9 @@ def _remove_model(model: torch.nn.Module) -> None:
             modules = dict(model.named_modules())
             for key, proc in procs.items():
                 if isinstance(proc, SparseAttnProcessor):
-                    name = key[: -len(".processor")]
-                    proc = proc._inner_for(modules[name], state) if proc.inner is None else proc.inner
+                    module = modules[key[: -len(".processor")]]
+                    proc = proc._inner_for(module, state) if proc.inner is None else proc.inner
+                    module.__dict__.pop("_diffattn_inner", None)
                 restored[key] = proc
             model.set_attn_processor(restored)
     release(model)

@@ -47,6 +47,10 @@ class ModelSpec:
         target_processor: ``"module:Class"`` of the processor the target modules use by default, for
             models whose attention class does not declare one (used when a processor is set directly
             with ``set_attn_processor`` and the original must be recreated).
+        first_call_probes: ``(submodule, argument names by position, gives the grid)`` entries that read
+            the forward's inputs from the positional inputs of embedding layers, for the one forward
+            during which a model meets a processor set with ``set_attn_processor`` (a process-wide
+            hook sees no keyword arguments).
     """
 
     name: str
@@ -57,6 +61,7 @@ class ModelSpec:
     timestep_arg: str = "timestep"
     multi_resolution: bool = False
     target_processor: str | None = None
+    first_call_probes: tuple[tuple[str, tuple[str | None, ...], bool], ...] = ()
 
     def is_target(self, module_name: str) -> bool:
         return re.fullmatch(self.self_attention, module_name) is not None
@@ -117,6 +122,7 @@ MODEL_SPECS: tuple[ModelSpec, ...] = (
         r"blocks\.\d+\.attn1",
         text_first=False,
         grid=_grid_wan,
+        first_call_probes=(("patch_embedding", ("hidden_states",), True), ("condition_embedder", ("timestep",), False)),
     ),
     ModelSpec(
         "hunyuanvideo",
@@ -124,6 +130,7 @@ MODEL_SPECS: tuple[ModelSpec, ...] = (
         r"(transformer_blocks|single_transformer_blocks)\.\d+\.attn",
         text_first=False,
         grid=_grid_hunyuan,
+        first_call_probes=(("x_embedder", ("hidden_states",), True), ("time_text_embed", ("timestep",), False)),
         target_processor="diffusers.models.transformers.transformer_hunyuan_video:HunyuanVideoAttnProcessor2_0",
     ),
     ModelSpec(
@@ -132,6 +139,7 @@ MODEL_SPECS: tuple[ModelSpec, ...] = (
         r"transformer_blocks\.\d+\.attn1",
         text_first=True,
         grid=_grid_cogvideox,
+        first_call_probes=(("patch_embed", (None, "hidden_states"), True), ("time_proj", ("timestep",), False)),
         target_processor="diffusers.models.attention_processor:CogVideoXAttnProcessor2_0",
     ),
     ModelSpec(
@@ -140,6 +148,9 @@ MODEL_SPECS: tuple[ModelSpec, ...] = (
         r"transformer_blocks\.\d+\.attn1",
         text_first=False,
         grid=_grid_ltx,
+        first_call_probes=(
+            ("rope", (None, "num_frames", "height", "width"), True), ("time_embed", ("timestep",), False),
+        ),
     ),
     ModelSpec(
         "flux",
@@ -147,6 +158,7 @@ MODEL_SPECS: tuple[ModelSpec, ...] = (
         r"(transformer_blocks|single_transformer_blocks)\.\d+\.attn",
         text_first=True,
         grid=_grid_flux,
+        first_call_probes=(("pos_embed", ("img_ids",), True), ("time_text_embed", ("timestep",), False)),
     ),
     ModelSpec(
         "unet",
@@ -155,6 +167,7 @@ MODEL_SPECS: tuple[ModelSpec, ...] = (
         text_first=False,
         grid=_grid_unet,
         multi_resolution=True,
+        first_call_probes=(("conv_in", ("sample",), True), ("time_proj", ("timestep",), False)),
     ),
 )
 

@@ -11,8 +11,13 @@ Two ways in, one mechanism:
 * ``diffattn.apply(pipe, "radial", ...)`` wraps each self-attention module's processor and hooks the
   denoiser's forward to publish step, branch and grid.
 * ``pipe.transformer.set_attn_processor(SparseAttnProcessor(RadialConfig(...)))`` sets one shared
-  processor everywhere; it recreates each module's default processor to wrap, and a process-wide
-  forward pre-hook adopts the model (installs the same hooks) at its first forward.
+  processor everywhere; it recreates each module's default processor to wrap, and adopts the model
+  (installs the same hooks) at its first forward.
+
+Either way the state lives on the model (``model._diffattn_state``, the hooks are objects pointing to
+it), so ``copy.deepcopy`` gives an independent patched copy. Calls diffattn does not take run on the
+user's diffusers attention backend. Context parallelism is refused (it would shard the sequence the
+methods plan on).
 
 >>> import diffattn  # doctest: +SKIP
 >>> pipe.transformer.set_attn_processor(diffattn.SparseAttnProcessor(diffattn.DenseConfig()))  # doctest: +SKIP
@@ -21,9 +26,7 @@ Two ways in, one mechanism:
 from __future__ import annotations
 
 import inspect
-import itertools
 import logging
-import sys
 import weakref
 from contextlib import nullcontext
 from typing import Any
@@ -34,9 +37,9 @@ from torch.overrides import TorchFunctionMode
 
 from ..kernels.api import log_once
 from ..methods import AttentionMethod, AttnContext, MethodConfig, get_method_class, make_config
-from .blocks import watch_block_inputs
+from .blocks import block_input_of, unwatch_block_inputs, watch_block_inputs
 from .models import ModelSpec, default_processor, layer_grid, spec_for
-from .state import ModelState
+from .state import ModelState, _timestep_value
 
 __all__ = ["SparseAttnProcessor", "adopt", "release", "state_of"]
 
@@ -44,8 +47,6 @@ logger = logging.getLogger("diffattn")
 
 DEFAULT_MIN_TOKENS = 1024
 
-_MODEL_STATE: "weakref.WeakKeyDictionary[torch.nn.Module, ModelState]" = weakref.WeakKeyDictionary()
-_MODULE_STATE: "weakref.WeakKeyDictionary[torch.nn.Module, ModelState]" = weakref.WeakKeyDictionary()
 
 
 # ----------------------------------------------------------------------------------- model adoption
@@ -53,6 +54,78 @@ def _attention_modules(model: torch.nn.Module):
     for name, module in model.named_modules():
         if hasattr(module, "processor") and hasattr(module, "set_processor"):
             yield name, module
+
+
+class _BeginForward:
+    """Forward pre-hook of a patched denoiser. A callable object (not a closure), so that
+    ``copy.deepcopy(model)`` copies it together with the state it points to."""
+
+    def __init__(self, state: ModelState) -> None:
+        self.state = state
+
+    def __call__(self, module, args, kwargs):
+        self.state.begin_forward(module, args, kwargs)
+
+
+class _EndForward:
+    def __init__(self, state: ModelState) -> None:
+        self.state = state
+
+    def __call__(self, module, args, output):
+        self.state.end_forward()
+
+
+def _context_listener(state: ModelState) -> torch.nn.Module | None:
+    """A parameter-free child module whose diffusers ``HookRegistry`` holds a stateful hook, so that
+    ``model.cache_context(name, ...)`` hands its ``CacheContext`` to ``state`` and the pipeline's
+    ``_reset_stateful_cache()`` ends the generation. It lives on a child that is never called because
+    a hook registered on the denoiser itself would wrap its ``forward`` in a closure that a deep copy
+    cannot follow."""
+    try:
+        from diffusers.hooks.hooks import BaseState, HookRegistry, ModelHook, StateManager
+    except ImportError:  # pragma: no cover - diffusers without hooks publishes no context
+        return None
+
+    class _Listener(StateManager):
+        def __init__(self, state: ModelState) -> None:
+            super().__init__(BaseState)
+            self.state = state
+
+        def set_context(self, context) -> None:
+            super().set_context(context)
+            self.state.context = context
+
+    class _ContextHook(ModelHook):
+        _is_stateful = True
+
+        def __init__(self, state: ModelState) -> None:
+            super().__init__()
+            self.listener = _Listener(state)
+
+        def reset_state(self, module):
+            self.listener.state.tracker.reset()
+            return module
+
+    holder = _ContextHolder()
+    HookRegistry.check_if_exists_or_initialize(holder).register_hook(_ContextHook(state), _CONTEXT_HOOK)
+    return holder
+
+
+_CONTEXT_HOOK = "diffattn_context"
+_HOLDER = "_diffattn_context"
+
+
+class _ContextHolder(torch.nn.Module):
+    """Carries diffattn's context hook (see ``_context_listener``); never called, holds no weights."""
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - never called
+        raise RuntimeError("diffattn's context holder is not a layer")
+
+
+def _invalidate_registries(model: torch.nn.Module) -> None:
+    reg = getattr(model, "_diffusers_hook", None)
+    if reg is not None and hasattr(reg, "invalidate_child_registries_cache"):
+        reg.invalidate_child_registries_cache()
 
 
 def adopt(
@@ -63,8 +136,8 @@ def adopt(
     sync_timing: bool = False,
     capture_layouts: bool = False,
 ) -> ModelState:
-    """Install diffattn's forward hooks on ``model`` (idempotent) and return its state."""
-    state = _MODEL_STATE.get(model)
+    """Install diffattn's forward hooks and state on ``model`` (idempotent) and return its state."""
+    state = state_of(model)
     if state is not None:
         if scheduler is not None:
             state.tracker.scheduler = scheduler
@@ -77,78 +150,125 @@ def adopt(
     state.tracker.scheduler = scheduler
     state.tracker.default_num_steps = num_steps
     targets = [(n, m) for n, m in _attention_modules(model) if spec.is_target(n)]
-    for index, (name, module) in enumerate(targets):
-        state.names[id(module)] = (name, index)
-    state.num_layers = len(targets)  # type: ignore[attr-defined]
+    state.num_layers = len(targets)
     for _, module in _attention_modules(model):
-        _MODULE_STATE[module] = state
-
-    def pre_hook(mod, args, kwargs):
-        state.begin_forward(mod, args, kwargs)
-
-    def post_hook(mod, args, output):
-        state.end_forward()
-
-    state.handles = [  # type: ignore[attr-defined]
-        model.register_forward_pre_hook(pre_hook, with_kwargs=True),
-        model.register_forward_hook(post_hook),
-    ]
-    state.block_inputs = {}  # type: ignore[attr-defined]
-    state.handles += watch_block_inputs(model, state.names, state.block_inputs)  # type: ignore[attr-defined]
-    _MODEL_STATE[model] = state
+        module._diffattn_state = state
+        module._diffattn_layer = None
+    for index, (name, module) in enumerate(targets):
+        module._diffattn_layer = (name, index)
+    pre = model.register_forward_pre_hook(_BeginForward(state), with_kwargs=True)
+    post = model.register_forward_hook(_EndForward(state))
+    state.hook_ids = (pre.id, post.id)  # type: ignore[attr-defined]
+    holder = _context_listener(state)
+    if holder is not None:
+        model.add_module(_HOLDER, holder)
+        _invalidate_registries(model)
+    watch_block_inputs(model, lambda attn: attn.__dict__.get("_diffattn_layer") is not None)
+    model._diffattn_state = state
     return state
 
 
 def release(model: torch.nn.Module) -> None:
     """Remove the hooks and state ``adopt`` installed (no-op if none)."""
-    state = _MODEL_STATE.pop(model, None)
+    state = state_of(model)
     if state is None:
         return
-    for h in getattr(state, "handles", []):
-        h.remove()
+    pre_id, post_id = state.hook_ids  # type: ignore[attr-defined]
+    model._forward_pre_hooks.pop(pre_id, None)
+    model._forward_pre_hooks_with_kwargs.pop(pre_id, None)
+    model._forward_hooks.pop(post_id, None)
+    unwatch_block_inputs(model)
+    if _HOLDER in model._modules:
+        del model._modules[_HOLDER]
+        _invalidate_registries(model)
     for _, module in _attention_modules(model):
-        if _MODULE_STATE.get(module) is state:
-            del _MODULE_STATE[module]
+        if getattr(module, "_diffattn_state", None) is state:
+            del module._diffattn_state
+            del module._diffattn_layer
+    del model._diffattn_state
 
 
 def state_of(model: torch.nn.Module) -> ModelState | None:
-    return _MODEL_STATE.get(model)
+    return getattr(model, "__dict__", {}).get("_diffattn_state")
 
 
-# A process-wide pre-hook lets a processor set with `set_attn_processor` find its model: at a
-# supported model's first forward it adopts the model. Global pre-hooks get no kwargs, so the
-# current call's kwargs are read from torch's calling frame; later calls use the model's own hook.
+# A processor set with `set_attn_processor` cannot see its model. Between constructing such a
+# processor and the first forward of a model carrying it, a process-wide pre-hook watches module
+# calls; it adopts the model and goes away once no processor waits. Global pre-hooks see no keyword
+# arguments, so the grid (and timestep) of that first call are read from the positional inputs of
+# the model's embedding layers (``ModelSpec.first_call_probes``); later calls use the model's hook.
 _global_hook = None
-_generation = itertools.count()
-_processor_version = 0
-_checked: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDictionary()
+_waiting: "weakref.WeakSet[SparseAttnProcessor]" = weakref.WeakSet()
 
 
-def _ensure_global_hook() -> None:
-    global _global_hook, _processor_version
-    _processor_version = next(_generation)
+def _wait_for_model(proc: "SparseAttnProcessor") -> None:
+    global _global_hook
+    _waiting.add(proc)
     if _global_hook is None:
         _global_hook = torch.nn.modules.module.register_module_forward_pre_hook(_global_pre_hook)
 
 
+def _stop_waiting() -> None:
+    global _global_hook
+    if _global_hook is not None and not len(_waiting):
+        _global_hook.remove()
+        _global_hook = None
+
+
 def _global_pre_hook(module: torch.nn.Module, args: tuple):
-    if module in _MODEL_STATE or _checked.get(module) == _processor_version:
+    if not len(_waiting):  # every waiting processor was garbage-collected
+        _stop_waiting()
         return None
     spec = spec_for(module)
     if spec is None:
         return None
-    _checked[module] = _processor_version
-    if not any(isinstance(m.processor, SparseAttnProcessor) for _, m in _attention_modules(module)):
+    found = {m.processor for _, m in _attention_modules(module) if isinstance(m.processor, SparseAttnProcessor)}
+    if not found:
         return None
-    state = adopt(module, spec)
-    frame = sys._getframe(1)
-    kwargs = frame.f_locals.get("kwargs")
-    state.begin_forward(module, args, kwargs if isinstance(kwargs, dict) else {})
-    log_once(
-        f"adopt-{spec.name}",
-        f"diffattn: found SparseAttnProcessor in a {type(module).__name__}; tracking its steps and grid",
-    )
+    if "_diffattn_state" not in module.__dict__:
+        state = adopt(module, spec)
+        _install_first_call_probes(module, state)
+        log_once(
+            f"adopt-{spec.name}",
+            f"diffattn: found SparseAttnProcessor in a {type(module).__name__}; tracking its steps and grid",
+        )
+    for proc in found:
+        _waiting.discard(proc)
+    _stop_waiting()
     return None
+
+
+def _install_first_call_probes(model: torch.nn.Module, state: ModelState) -> None:
+    """One-shot hooks that publish the current (first) forward's grid and timestep from submodule
+    inputs, for a model adopted after its forward started."""
+    probes = state.spec.first_call_probes
+    if not probes:
+        log_once(
+            f"probe-{state.spec.name}",
+            f"diffattn: the first forward of this {state.spec.name} model runs its own attention "
+            "(its grid is known from the second call on)",
+            logging.WARNING,
+        )
+        return
+    modules = dict(model.named_modules())
+    seen: dict[str, Any] = {}
+
+    def install(module: torch.nn.Module, names: tuple[str | None, ...], is_grid: bool) -> None:
+        def hook(mod, args):
+            handle.remove()
+            for name, value in zip(names, args):
+                if name is not None:
+                    seen.setdefault(name, value)
+            if is_grid and state.info is None:
+                state.begin(model, dict(seen))
+            elif not is_grid and state.info is not None and state.tracker.last_t is None:
+                state.tracker.last_t = _timestep_value(seen.get(state.spec.timestep_arg))
+
+        handle = module.register_forward_pre_hook(hook)
+
+    for sub, names, is_grid in probes:
+        if sub in modules:
+            install(modules[sub], names, is_grid)
 
 
 # ------------------------------------------------------------------------------------- interception
@@ -233,14 +353,19 @@ class SparseAttnProcessor:
         self.config = method.config
         self.inner = inner
         self.min_tokens = min_tokens
-        self._inners: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKeyDictionary()
         self._backend = None
         self._parallel = None
         # diffusers filters the keyword arguments of Attention.forward by the processor's __call__
         # signature: expose the wrapped processor's (or the union of the known ones).
         self.__call__ = _signature_proxy(self, inner)
         if inner is None:
-            _ensure_global_hook()
+            _wait_for_model(self)
+
+    def __setstate__(self, state: dict) -> None:
+        # A copied (or unpickled) shared processor waits for its model like a new one.
+        self.__dict__.update(state)
+        if self.inner is None:
+            _wait_for_model(self)
 
     # diffusers' set_attention_backend / enable_parallelism set these on every processor.
     @property
@@ -250,9 +375,8 @@ class SparseAttnProcessor:
     @_attention_backend.setter
     def _attention_backend(self, value):
         self._backend = value
-        for inner in self._all_inners():
-            if hasattr(inner, "_attention_backend"):
-                inner._attention_backend = value
+        if hasattr(self.inner, "_attention_backend"):
+            self.inner._attention_backend = value
 
     @property
     def _parallel_config(self):
@@ -260,28 +384,25 @@ class SparseAttnProcessor:
 
     @_parallel_config.setter
     def _parallel_config(self, value):
+        if value is not None:
+            raise NotImplementedError(_parallel_message(value))
         self._parallel = value
-        for inner in self._all_inners():
-            if hasattr(inner, "_parallel_config"):
-                inner._parallel_config = value
-
-    def _all_inners(self):
-        if self.inner is not None:
-            yield self.inner
-        yield from list(self._inners.values())
+        if hasattr(self.inner, "_parallel_config"):
+            self.inner._parallel_config = value
 
     def _inner_for(self, attn: torch.nn.Module, state: ModelState | None) -> Any:
+        """The processor this one wraps for ``attn``: the given one, or (shared processor) the module's
+        default processor, created once and kept on the module so copies of the model carry it."""
         if self.inner is not None:
             return self.inner
-        inner = self._inners.get(attn)
+        inner = attn.__dict__.get("_diffattn_inner")
         if inner is None:
-            name = state.names.get(id(attn), ("", 0))[0] if state is not None else ""
+            layer = getattr(attn, "_diffattn_layer", None)
+            name = layer[0] if layer is not None else ""
             inner = default_processor(state.spec if state is not None else None, name, attn)
-            if hasattr(inner, "_attention_backend"):
-                inner._attention_backend = self._backend
-            if hasattr(inner, "_parallel_config"):
-                inner._parallel_config = self._parallel
-            self._inners[attn] = inner
+            attn._diffattn_inner = inner
+        if hasattr(inner, "_attention_backend"):
+            inner._attention_backend = self._backend
         return inner
 
     def __repr__(self) -> str:
@@ -290,22 +411,14 @@ class SparseAttnProcessor:
 
     # ------------------------------------------------------------------------------------ the call
     def __call__(self, attn: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        state = _MODULE_STATE.get(attn)
+        state = attn.__dict__.get("_diffattn_state")
         inner = self._inner_for(attn, state)
         kwargs = _filter_kwargs(inner, kwargs)
-        entry = None if state is None else state.names.get(id(attn))
+        entry = attn.__dict__.get("_diffattn_layer")
         info = None if state is None else state.info
         if entry is None or info is None:
             return inner(attn, *args, **kwargs)
-        if self._parallel is not None:
-            log_once(
-                "parallel",
-                "diffattn: context parallelism is active; sparse attention is skipped and the model's "
-                "own attention runs",
-                logging.WARNING,
-            )
-            return inner(attn, *args, **kwargs)
-        handler = _Handler(self, state, entry, info)
+        handler = _Handler(self, state, entry, info, _user_backend(self._backend), attn)
         saved = getattr(inner, "_attention_backend", None)
         if hasattr(inner, "_attention_backend"):
             inner._attention_backend = None
@@ -317,11 +430,48 @@ class SparseAttnProcessor:
                 inner._attention_backend = saved
 
 
+def _parallel_message(config: Any) -> str:
+    return (
+        "diffattn does not run under diffusers context parallelism yet "
+        f"({type(config).__name__}); its sparse attention would be skipped or wrong on the sharded "
+        "sequence. Call diffattn.remove(...) before enable_parallelism(...), or run diffattn on one device."
+    )
+
+
+def _user_backend(processor_backend: Any) -> Any:
+    """The diffusers attention backend the user chose: the module's (``set_attention_backend``) or the
+    active ``attention_backend(...)`` context's; None for the native default."""
+    if processor_backend is not None:
+        return processor_backend
+    try:
+        from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+    except ImportError:  # pragma: no cover
+        return None
+    name = _AttentionBackendRegistry.get_active_backend()[0]
+    return None if name == AttentionBackendName.NATIVE else name
+
+
 class _Handler:
     """Handles the intercepted SDPA calls of one processor call."""
 
-    def __init__(self, proc: SparseAttnProcessor, state: ModelState, entry, info) -> None:
-        self.proc, self.state, self.entry, self.info = proc, state, entry, info
+    def __init__(self, proc: SparseAttnProcessor, state: ModelState, entry, info, backend, attn) -> None:
+        self.proc, self.state, self.entry, self.info, self.attn = proc, state, entry, info, attn
+        self.backend = backend
+
+    def passthrough(self, func, args, kwargs):
+        """A call diffattn does not take: the user's diffusers backend runs it, or SDPA by default."""
+        if self.backend is None:
+            return func(*args, **kwargs)
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        a = _sdpa_args(args, kwargs)
+        q, k, v = (a[n].transpose(1, 2) for n in ("query", "key", "value"))
+        out = dispatch_attention_fn(
+            q, k, v, attn_mask=a.get("attn_mask"), dropout_p=a.get("dropout_p", 0.0) or 0.0,
+            is_causal=a.get("is_causal", False), scale=a.get("scale"), enable_gqa=a.get("enable_gqa", False),
+            backend=self.backend,
+        )
+        return out.transpose(1, 2)
 
     def __call__(self, func, args, kwargs):
         a = _sdpa_args(args, kwargs)
@@ -334,11 +484,14 @@ class _Handler:
             or k.shape[-2] != n
             or n < self.proc.min_tokens
         ):
-            return func(*args, **kwargs)
-        ok, key_padding = _key_padding(a.get("attn_mask"), b, n)
+            return self.passthrough(func, args, kwargs)
+        if q.device.type == "meta":
+            # Shape inference (e.g. building a model on the meta device): no values to plan from.
+            return q.new_empty(b, h, n, v.shape[-1])
+        ok, key_padding = self.state.key_padding(a.get("attn_mask"), b, n, _key_padding)
         if not ok:
             self._record(name, fallback="attention mask is not a key-padding mask; ran the model's attention")
-            return func(*args, **kwargs)
+            return self.passthrough(func, args, kwargs)
         if k.shape[1] != h:
             rep = h // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -353,7 +506,7 @@ class _Handler:
         ctx = AttnContext(
             layer=name,
             layer_index=index,
-            num_layers=getattr(self.state, "num_layers", 1),
+            num_layers=self.state.num_layers,
             is_self=True,
             grid=grid,
             text_len=text_len,
@@ -365,7 +518,7 @@ class _Handler:
             scale=a.get("scale"),
             model=spec.name,
             capture_layouts=self.state.capture_layouts,
-            block_input=getattr(self.state, "block_inputs", {}).get(name),
+            block_input=block_input_of(self.attn),
             latent_grid=self.info.grid,
             record=row.update,
         )

@@ -1,10 +1,17 @@
 """Per-model runtime state: denoising step and CFG branch tracking, latent grid, and statistics.
 
 A forward pre-hook on the denoiser calls :meth:`ModelState.begin_forward` with the forward's
-arguments. The step index comes from the pipeline's scheduler when one is known (its ``step_index``,
-and a new ``timesteps`` tensor marks a new generation); otherwise from the timestep values (a repeated
-timestep is another CFG branch of the same step, a larger one starts a new generation). Wan calls the
-transformer twice per step (branches 0 and 1); SD and CogVideoX batch CFG into one call (branch 0).
+arguments. Step, step count and CFG branch come first from the ``CacheContext`` diffusers pipelines
+publish around each denoiser call (``with transformer.cache_context("cond", step_index=...)``: the
+name gives the branch, ``step_index`` / ``num_inference_steps`` the schedule where the pipeline fills
+them in). Whatever the context leaves open comes from the pipeline's scheduler when one is known (its
+``step_index``, and a new ``timesteps`` tensor marks a new generation), and last from the timestep
+values (a repeated timestep is another CFG branch of the same step, a larger one starts a new
+generation). Wan calls the transformer twice per step (branches 0 and 1); SD and CogVideoX batch CFG
+into one call (branch 0).
+
+The state is a plain object referenced from the model (``model._diffattn_state``) and from every
+attention module it serves, so ``copy.deepcopy(model)`` carries a consistent, independent copy.
 """
 
 from __future__ import annotations
@@ -12,9 +19,10 @@ from __future__ import annotations
 import json
 import threading
 import time
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -23,11 +31,20 @@ from .models import Grid, ModelSpec, bind_forward_args
 __all__ = ["StepTracker", "Stats", "ModelState", "ForwardInfo"]
 
 
+def _is_symbolic(t: torch.Tensor) -> bool:
+    """Meta and fake tensors have no values to read (shape inference, ``torch.compile`` tracing)."""
+    if t.device.type == "meta":
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
+
+
 def _timestep_value(t: Any) -> float | None:
     if t is None:
         return None
     if isinstance(t, torch.Tensor):
-        if t.numel() == 0:
+        if t.numel() == 0 or _is_symbolic(t):
             return None
         return float(t.detach().flatten()[0].float().cpu())
     try:
@@ -42,14 +59,26 @@ class StepTracker:
     def __init__(self, scheduler: Any = None, num_steps: int | None = None) -> None:
         self.scheduler = scheduler
         self.default_num_steps = num_steps
+        self.generation = 0
         self.reset()
 
+    # A weak reference: a deep copy of the model follows the same pipeline scheduler, not a copy of it.
+    @property
+    def scheduler(self) -> Any:
+        return None if self._scheduler is None else self._scheduler()
+
+    @scheduler.setter
+    def scheduler(self, value: Any) -> None:
+        self._scheduler = None if value is None else weakref.ref(value)
+
     def reset(self) -> None:
+        """Forget the position in the schedule: the next call starts a new generation."""
         self.step = -1
         self.branch = 0
         self.last_t: float | None = None
-        self.generation = 0
         self._timesteps_id: int | None = None
+        self._branches: dict[str, int] = {}
+        self._names_this_step: set[str] = set()
 
     def _scheduler_step(self) -> tuple[int | None, int | None, bool]:
         sch = self.scheduler
@@ -68,8 +97,48 @@ class StepTracker:
         idx = sch.step_index
         return (0 if idx is None else int(idx)), num, new_schedule
 
-    def advance(self, timestep: Any) -> tuple[int, int, int, bool]:
-        """Register one denoiser call; returns (step, branch, num_steps, new_generation)."""
+    def _branch_of(self, name: str) -> int:
+        # "cond" is branch 0 and "uncond" 1 (Wan's two calls); a batched "cond_uncond" call is 0.
+        if name not in self._branches:
+            fixed = {"cond": 0, "cond_uncond": 0, "uncond": 1}
+            self._branches[name] = fixed.get(name, len(self._branches))
+        return self._branches[name]
+
+    def advance(self, timestep: Any, context: Any = None) -> tuple[int, int, int, bool]:
+        """Register one denoiser call; returns (step, branch, num_steps, new_generation).
+
+        ``context`` is the diffusers ``CacheContext`` of the call, if the pipeline set one.
+        """
+        ctx_step = getattr(context, "step_index", None)
+        ctx_num = getattr(context, "num_inference_steps", None)
+        name = getattr(context, "name", None)
+        if ctx_step is not None:
+            ctx_step = int(ctx_step)
+            new_gen = self.step < 0 or ctx_step < self.step or (
+                ctx_step == self.step and name is not None and name in self._names_this_step
+            )
+            if ctx_step != self.step or new_gen:
+                self._names_this_step = set()
+            branch = self._branch_of(name) if name is not None else (
+                0 if new_gen or ctx_step != self.step else self.branch + 1
+            )
+            if name is not None:
+                self._names_this_step.add(name)
+            if new_gen:
+                self.generation += 1
+            self.step, self.branch = ctx_step, branch
+            self.last_t = _timestep_value(timestep) if ctx_num is None else None
+            num = int(ctx_num) if ctx_num else (self._scheduler_step()[1] or self.default_num_steps or 50)
+            return ctx_step, branch, num, new_gen
+        step, branch, num, new_gen = self._infer(timestep)
+        if name is not None:
+            branch = self._branch_of(name)
+            self.branch = branch
+        if ctx_num:
+            num = int(ctx_num)
+        return step, branch, num, new_gen
+
+    def _infer(self, timestep: Any) -> tuple[int, int, int, bool]:
         t = _timestep_value(timestep)
         sched_step, sched_num, new_schedule = self._scheduler_step()
         new_gen = False
@@ -116,6 +185,13 @@ class Stats:
     def __init__(self) -> None:
         self.rows: list[dict[str, Any]] = []
         self._lock = threading.Lock()
+
+    def __deepcopy__(self, memo: dict) -> "Stats":
+        import copy
+
+        new = Stats()
+        new.rows = copy.deepcopy(self.rows, memo)
+        return new
 
     def reset(self) -> None:
         with self._lock:
@@ -185,7 +261,7 @@ class ModelState:
     """Everything diffattn keeps for one patched denoiser."""
 
     spec: ModelSpec
-    names: dict[int, tuple[str, int]] = field(default_factory=dict)  # id(attn module) -> (name, index)
+    num_layers: int = 0
     tracker: StepTracker = field(default_factory=StepTracker)
     stats: Stats = field(default_factory=Stats)
     info: ForwardInfo | None = None
@@ -193,9 +269,12 @@ class ModelState:
     min_tokens: int = 0
     sync_timing: bool = False
     capture_layouts: bool = False
+    context: Any = None  # the diffusers CacheContext of the current call (set by the pipeline)
 
     def begin_forward(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        inputs = bind_forward_args(model, args, kwargs)
+        self.begin(model, bind_forward_args(model, args, kwargs))
+
+    def begin(self, model: torch.nn.Module, inputs: dict[str, Any]) -> None:
         grid = None
         try:
             grid = self.spec.grid(model, inputs)
@@ -206,7 +285,7 @@ class ModelState:
             if isinstance(value, torch.Tensor) and value.ndim >= 2:
                 batch = int(value.shape[0])
                 break
-        step, branch, num, new_gen = self.tracker.advance(inputs.get(self.spec.timestep_arg))
+        step, branch, num, new_gen = self.tracker.advance(inputs.get(self.spec.timestep_arg), self.context)
         if new_gen and self.tracker.generation > 1:
             for m in self.methods:
                 m.reset()
@@ -214,6 +293,19 @@ class ModelState:
 
     def end_forward(self) -> None:
         self.info = None
+        self._masks = {}
+
+    def key_padding(self, mask: Any, b: int, n: int, parse: Callable) -> tuple[bool, Any]:
+        """``parse(mask, b, n)`` once per mask and forward: every layer gets the model's same mask, and
+        parsing it reads the device."""
+        if mask is None:
+            return parse(mask, b, n)
+        masks = self.__dict__.setdefault("_masks", {})
+        key = (id(mask), b, n)
+        hit = masks.get(key)
+        if hit is None or hit[0] is not mask:
+            hit = masks[key] = (mask, parse(mask, b, n))
+        return hit[1]
 
     def timer(self) -> "_Timer":
         return _Timer(self.sync_timing)
