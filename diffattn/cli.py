@@ -216,9 +216,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ._extras import MissingExtra
+
     parser, subparsers = build_parser()
     args = parser.parse_args(argv)
-    return args.handler(args, subparsers[args.command])
+    try:
+        return args.handler(args, subparsers[args.command])
+    except MissingExtra as e:  # one line naming the extra, not a traceback
+        print(f"diffattn {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

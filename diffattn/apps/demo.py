@@ -695,10 +695,9 @@ def build_app(
         height, width, steps, then every method's fields; outputs: dense video, sparse video, summary,
         metrics JSON, per-layer table, mask controls, mask image).
     """
-    try:
-        import gradio as gr
-    except ImportError as e:
-        raise ImportError("the demo needs Gradio: pip install 'diffattn[demo]'") from e
+    from .._extras import need
+
+    gr = need("gradio", "demo")
 
     runner = DemoRunner(pipe, model_name, limits=limits, min_tokens=min_tokens)
     lim = runner.limits
@@ -955,6 +954,9 @@ def add_arguments(parser) -> None:
 
 def run_from_args(args) -> int:
     """Serve the demo with parsed :func:`add_arguments` options until interrupted."""
+    from .._extras import need
+
+    need("gradio", "demo")  # before the model loads
     for name in ("concurrency", "max_queue"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")

@@ -22,7 +22,9 @@ __all__ = ["save_masks", "mask_summary"]
 
 
 def _pyplot():
-    import matplotlib
+    from .._extras import need
+
+    matplotlib = need("matplotlib", "plot")
 
     # A file-only backend: drawing must work headless and must not steal an interactive session.
     if matplotlib.get_backend().lower() != "agg":
