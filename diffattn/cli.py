@@ -93,14 +93,19 @@ def _add_generate(sub) -> None:
     p.add_argument("--out", default="diffattn-out", help="output folder (default: ./diffattn-out)")
     p.add_argument("--compare", choices=["dense"], help="also generate dense from the same seed: speedup, PSNR, SSIM")
     p.add_argument("--save-dense", action="store_true", help="with --compare dense, also write <index>-<slug>.dense.mp4")
-    p.add_argument("--resume", action="store_true", help="skip items already in report.jsonl whose video exists")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in --out (same method, config and sizes): skip items already "
+                       "in report.jsonl whose video exists")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace the run in --out (its videos, report and summary are deleted first)")
     p.add_argument("--fps", type=_positive_int, default=8, help="frame rate of the mp4 files (default 8)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=_run_generate)
 
 
 def _run_generate(args, parser) -> int:
-    from .pipelines.generate import GenerateOptions, parse_config, run
+    from .pipelines.generate import GenerateOptions, OutputFolderError, parse_config, run
 
     try:
         opts = GenerateOptions(
@@ -109,7 +114,7 @@ def _run_generate(args, parser) -> int:
             frames=args.frames, height=args.height, width=args.width, steps=args.steps,
             guidance=args.guidance, negative_prompt=args.negative_prompt, seed=args.seed,
             dtype=args.dtype, device=args.device, out=args.out, compare=args.compare,
-            resume=args.resume, fps=args.fps, save_dense=args.save_dense, progress=not args.no_progress,
+            resume=args.resume, overwrite=args.overwrite, fps=args.fps, save_dense=args.save_dense, progress=not args.no_progress,
         )
         opts.validate()
         if args.prompts is not None:
@@ -118,7 +123,11 @@ def _run_generate(args, parser) -> int:
         parser.error(str(e))
     if args.save_dense and args.compare != "dense":
         parser.error("--save-dense needs --compare dense")
-    return run(opts)
+    try:
+        return run(opts)
+    except OutputFolderError as e:  # a refused folder is a plain message, not a traceback
+        print(f"diffattn generate: {e}", file=sys.stderr)
+        return 2
 
 
 # ----------------------------------------------------------------------------------------------- demo
