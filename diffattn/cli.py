@@ -202,11 +202,44 @@ def _add_draw(sub) -> None:
     p.set_defaults(handler=_run_draw)
 
 
+def _draw_out_problem(out: str) -> str | None:
+    """Why ``--out`` cannot take the image (folder missing, type unknown to matplotlib), or None."""
+    import os
+
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    suffix = os.path.splitext(out)[1].lower().lstrip(".")
+    if suffix not in kinds:
+        shown = ", ".join("." + k for k in ("png", "pdf", "svg", "jpg") if k in kinds)
+        return f"--out {out!r}: {'.' + suffix if suffix else 'no file extension'} is not an image type; use {shown}"
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        return f"--out {out!r}: the folder {folder!r} does not exist"
+    return None
+
+
 def _run_draw(args, parser) -> int:
     import importlib
 
+    prog = f"diffattn draw {args.which}"
+    if not {"-h", "--help"} & set(args.args):
+        from ._extras import need
+
+        need("matplotlib", "plot", "diffattn draw")  # before any pattern is computed
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("--out")
+        out = pre.parse_known_args(args.args)[0].out
+        problem = out and _draw_out_problem(out)
+        if problem:
+            print(f"{prog}: {problem}", file=sys.stderr)
+            return 2
     module = importlib.import_module(f"diffattn.patterns.{_PATTERNS[args.which][0]}")
-    module.main(args.args, prog=f"diffattn draw {args.which}")
+    try:
+        module.main(args.args, prog=prog)
+    except OSError as e:  # e.g. no permission to write there: one line, not matplotlib's traceback
+        print(f"{prog}: cannot write the image: {e.strerror or e}", file=sys.stderr)
+        return 2
     return 0
 
 
