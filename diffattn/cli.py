@@ -135,7 +135,8 @@ def _add_demo(sub) -> None:
     from .apps.demo import add_arguments
 
     p = sub.add_parser("demo", help="Gradio demo: dense vs sparse side by side (on 127.0.0.1)",
-                       description="Serve the Gradio demo on 127.0.0.1 (needs: pip install 'diffattn[demo]').")
+                       description='Serve the Gradio demo, on 127.0.0.1 unless --host says otherwise '
+                       '(needs: pip install "diffattn[demo]").')
     add_arguments(p)
     p.set_defaults(handler=_run_demo)
 
