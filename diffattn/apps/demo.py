@@ -691,8 +691,13 @@ def build_app(
     min_tokens: int | None = None,
     default_method: str = "adaspa",
     defaults: dict[str, Any] | None = None,
+    result_ttl: int = 1800,
 ):
     """The Gradio app around a :class:`DemoRunner` on ``pipe``.
+
+    A session's last result (its videos, kept for the mask views) and Gradio's copies of the files it
+    served are removed ``result_ttl`` seconds after they were made, also for clients that never close
+    their session (API callers send no heartbeat).
 
     Returns:
         ``gr.Blocks`` with ``app.diffattn_runner`` (the runner; call ``close()`` after the server stops).
@@ -716,7 +721,10 @@ def build_app(
 
     controls: list[tuple[str, FieldSpec, Any]] = []
     groups = {}
-    with gr.Blocks(title="diffattn demo", analytics_enabled=False, delete_cache=(600, 3600)) as app:
+    if result_ttl < 1:
+        raise ValueError(f"result_ttl={result_ttl} must be at least 1 second")
+    cache_sweep = (max(1, min(60, result_ttl // 2)), result_ttl)  # (every, older than) in seconds
+    with gr.Blocks(title="diffattn demo", analytics_enabled=False, delete_cache=cache_sweep) as app:
         gr.Markdown(
             f"# diffattn: dense vs sparse attention\nModel: `{model_name}` · the same prompt and seed are "
             "generated with the model's own attention and with the chosen method."
@@ -763,7 +771,7 @@ def build_app(
                     step_dd = gr.Dropdown([], label="step", interactive=True)
                 mask_img = gr.Image(label="block mask", type="numpy", format="png", interactive=False,
                                     elem_id="mask-image")
-        state = gr.State(None, delete_callback=runner.discard)
+        state = gr.State(None, delete_callback=runner.discard, time_to_live=result_ttl)
 
         def show_fields(selected: str):
             return [gr.Accordion(visible=(m == selected)) for m in methods]
@@ -890,6 +898,7 @@ def launch(
     inbrowser: bool = False,
     block: bool = True,
     pipe: Any = None,
+    result_ttl: int = 1800,
 ):
     """Load ``model`` (``"tiny"``, a local Diffusers folder or a hub id) and serve the demo.
 
@@ -902,6 +911,7 @@ def launch(
         device: where the model runs (default: CUDA when available, else CPU).
         max_tokens: most video tokens per generation (default: 8192 for the tiny model, no cap otherwise).
         inbrowser: open a browser tab.
+        result_ttl: seconds a session's result files are kept (see :func:`build_app`).
         block: serve until interrupted, then clean up; False returns ``app`` with the server running
             (``app.local_url``; stop with ``app.close()`` then ``app.diffattn_runner.close()``).
     """
@@ -914,7 +924,8 @@ def launch(
         dtype = torch.bfloat16 if device.startswith("cuda") and os.fspath(model) != "tiny" else None
         pipe = load_pipeline(model, dtype=dtype, device=device)
     lim = limits_for(pipe, max_tokens=max_tokens)
-    app = build_app(pipe, os.fspath(model), concurrency=concurrency, max_queue=max_queue, limits=lim)
+    app = build_app(pipe, os.fspath(model), concurrency=concurrency, max_queue=max_queue, limits=lim,
+                    result_ttl=result_ttl)
     runner: DemoRunner = app.diffattn_runner  # type: ignore[attr-defined]
     if block and threading.current_thread() is threading.main_thread():
         # `kill` (SIGTERM) stops the server like Ctrl-C does, so the cleanup below runs
