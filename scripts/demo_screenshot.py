@@ -63,15 +63,16 @@ def main(argv: list[str] | None = None) -> int:
                     box.fill(str(args.steps))
                     box.press("Enter")
                 page.locator("#generate").click()
+                print("generating with the page's defaults ...", flush=True)
                 for sel in ("#dense-video video", "#sparse-video video", "#mask-image img"):
                     expect(page.locator(sel)).to_be_visible(timeout=args.timeout * 1000)
                 expect(page.locator("#summary")).to_contain_text("speedup", timeout=30_000)
-                for sel in ("#dense-video video", "#sparse-video video"):  # a decoded first frame, not a blank box
+                for sel in ("#dense-video video", "#sparse-video video"):  # a decoded frame, not a blank box
                     page.locator(sel).evaluate(
-                        "v => new Promise(ok => { v.pause(); v.currentTime = 0;"
-                        " if (v.readyState >= 2) ok(); else v.addEventListener('loadeddata', ok); })"
+                        "v => new Promise(ok => { if (v.readyState >= 2) ok();"
+                        " v.addEventListener('loadeddata', ok); setTimeout(ok, 20000); })"
                     )
-                page.wait_for_timeout(500)
+                page.wait_for_timeout(1000)
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 page.screenshot(path=args.out, full_page=True)
             finally:

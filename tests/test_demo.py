@@ -433,3 +433,23 @@ def test_a_busy_port_is_one_line_naming_port_before_the_model_loads(monkeypatch,
     message = str(exc.value.code)
     assert "\n" not in message and f"127.0.0.1:{port}" in message and "--port" in message
     assert "GRADIO_SERVER_PORT" not in message
+
+
+def test_demo_script_serves_the_same_app():
+    """``python demo/app.py`` takes the command's options and goes through the same launch (a busy port
+    is refused by the same one-line check, before any model loads)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, str(root / "demo" / "app.py"), "--port", str(port)], cwd=root,
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 1 and f"127.0.0.1:{port}" in proc.stderr and "--port" in proc.stderr, proc.stderr
