@@ -227,7 +227,7 @@ def _run_draw(args, parser) -> int:
     if not {"-h", "--help"} & set(args.args):
         from ._extras import need
 
-        need("matplotlib", "plot", "diffattn draw")  # before any pattern is computed
+        need("matplotlib", "plot", "drawing a pattern")  # before any pattern is computed
         pre = argparse.ArgumentParser(add_help=False)
         pre.add_argument("--out")
         out = pre.parse_known_args(args.args)[0].out
