@@ -93,14 +93,19 @@ def _add_generate(sub) -> None:
     p.add_argument("--out", default="diffattn-out", help="output folder (default: ./diffattn-out)")
     p.add_argument("--compare", choices=["dense"], help="also generate dense from the same seed: speedup, PSNR, SSIM")
     p.add_argument("--save-dense", action="store_true", help="with --compare dense, also write <index>-<slug>.dense.mp4")
-    p.add_argument("--resume", action="store_true", help="skip items already in report.jsonl whose video exists")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in --out (same method, config and sizes): skip items already "
+                       "in report.jsonl whose video exists")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace the run in --out (its videos, report and summary are deleted first)")
     p.add_argument("--fps", type=_positive_int, default=8, help="frame rate of the mp4 files (default 8)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=_run_generate)
 
 
 def _run_generate(args, parser) -> int:
-    from .pipelines.generate import GenerateOptions, parse_config, run
+    from .pipelines.generate import GenerateOptions, OutputFolderError, parse_config, run
 
     try:
         opts = GenerateOptions(
@@ -109,7 +114,7 @@ def _run_generate(args, parser) -> int:
             frames=args.frames, height=args.height, width=args.width, steps=args.steps,
             guidance=args.guidance, negative_prompt=args.negative_prompt, seed=args.seed,
             dtype=args.dtype, device=args.device, out=args.out, compare=args.compare,
-            resume=args.resume, fps=args.fps, save_dense=args.save_dense, progress=not args.no_progress,
+            resume=args.resume, overwrite=args.overwrite, fps=args.fps, save_dense=args.save_dense, progress=not args.no_progress,
         )
         opts.validate()
         if args.prompts is not None:
@@ -118,7 +123,11 @@ def _run_generate(args, parser) -> int:
         parser.error(str(e))
     if args.save_dense and args.compare != "dense":
         parser.error("--save-dense needs --compare dense")
-    return run(opts)
+    try:
+        return run(opts)
+    except OutputFolderError as e:  # a refused folder is a plain message, not a traceback
+        print(f"diffattn generate: {e}", file=sys.stderr)
+        return 2
 
 
 # ----------------------------------------------------------------------------------------------- demo
@@ -126,7 +135,8 @@ def _add_demo(sub) -> None:
     from .apps.demo import add_arguments
 
     p = sub.add_parser("demo", help="Gradio demo: dense vs sparse side by side (on 127.0.0.1)",
-                       description="Serve the Gradio demo on 127.0.0.1 (needs: pip install 'diffattn[demo]').")
+                       description='Serve the Gradio demo, on 127.0.0.1 unless --host says otherwise '
+                       '(needs: pip install "diffattn[demo]").')
     add_arguments(p)
     p.set_defaults(handler=_run_demo)
 
@@ -193,11 +203,44 @@ def _add_draw(sub) -> None:
     p.set_defaults(handler=_run_draw)
 
 
+def _draw_out_problem(out: str) -> str | None:
+    """Why ``--out`` cannot take the image (folder missing, type unknown to matplotlib), or None."""
+    import os
+
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    suffix = os.path.splitext(out)[1].lower().lstrip(".")
+    if suffix not in kinds:
+        shown = ", ".join("." + k for k in ("png", "pdf", "svg", "jpg") if k in kinds)
+        return f"--out {out!r}: {'.' + suffix if suffix else 'no file extension'} is not an image type; use {shown}"
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        return f"--out {out!r}: the folder {folder!r} does not exist"
+    return None
+
+
 def _run_draw(args, parser) -> int:
     import importlib
 
+    prog = f"diffattn draw {args.which}"
+    if not {"-h", "--help"} & set(args.args):
+        from ._extras import need
+
+        need("matplotlib", "plot", "drawing a pattern")  # before any pattern is computed
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("--out")
+        out = pre.parse_known_args(args.args)[0].out
+        problem = out and _draw_out_problem(out)
+        if problem:
+            print(f"{prog}: {problem}", file=sys.stderr)
+            return 2
     module = importlib.import_module(f"diffattn.patterns.{_PATTERNS[args.which][0]}")
-    module.main(args.args, prog=f"diffattn draw {args.which}")
+    try:
+        module.main(args.args, prog=prog)
+    except OSError as e:  # e.g. no permission to write there: one line, not matplotlib's traceback
+        print(f"{prog}: cannot write the image: {e.strerror or e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -216,9 +259,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ._extras import MissingExtra
+
     parser, subparsers = build_parser()
     args = parser.parse_args(argv)
-    return args.handler(args, subparsers[args.command])
+    try:
+        return args.handler(args, subparsers[args.command])
+    except MissingExtra as e:  # one line naming the extra, not a traceback
+        print(f"diffattn {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

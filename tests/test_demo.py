@@ -373,3 +373,83 @@ def test_server_cancel_restores_the_pipeline(server, client, pipe):
         assert time.monotonic() < deadline, "the cancelled run did not stop"
         time.sleep(0.1)
     assert _same_processors(pipe, before)
+
+
+# ------------------------------------------------------------------------------------ address and port
+def _demo_args(*argv):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    D.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def _record_launch(monkeypatch):
+    seen = {}
+
+    def fake_launch(model, **kwargs):
+        seen.update(kwargs)
+
+    monkeypatch.setattr(D, "launch", fake_launch)
+    return seen
+
+
+def test_gradio_environment_chooses_the_address_when_options_do_not(monkeypatch, capsys):
+    seen = _record_launch(monkeypatch)
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7999")
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "127.0.0.2")
+    assert D.run_from_args(_demo_args()) == 0
+    assert (seen["host"], seen["port"]) == ("127.0.0.2", 7999)
+    assert D.run_from_args(_demo_args("--port", "8001", "--host", "127.0.0.1")) == 0
+    assert (seen["host"], seen["port"]) == ("127.0.0.1", 8001)
+    monkeypatch.delenv("GRADIO_SERVER_PORT")
+    monkeypatch.delenv("GRADIO_SERVER_NAME")
+    assert D.run_from_args(_demo_args()) == 0
+    assert (seen["host"], seen["port"]) == ("127.0.0.1", 7860)
+    assert capsys.readouterr().err == ""  # loopback: no warning
+
+
+def test_binding_beyond_loopback_warns(monkeypatch, capsys):
+    seen = _record_launch(monkeypatch)
+    assert D.run_from_args(_demo_args("--host", "0.0.0.0", "--port", "0")) == 0
+    assert seen["host"] == "0.0.0.0"
+    err = capsys.readouterr().err
+    assert err.startswith("warning: serving on 0.0.0.0") and "--host 127.0.0.1" in err
+
+
+def test_a_busy_port_is_one_line_naming_port_before_the_model_loads(monkeypatch, capsys):
+    import socket
+
+    from diffattn import cli
+    from diffattn.pipelines import tiny
+
+    monkeypatch.setattr(tiny, "load_pipeline", lambda *a, **k: pytest.fail("model loaded for a busy port"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["demo", "--port", str(port)])
+    message = str(exc.value.code)
+    assert "\n" not in message and f"127.0.0.1:{port}" in message and "--port" in message
+    assert "GRADIO_SERVER_PORT" not in message
+
+
+def test_demo_script_serves_the_same_app():
+    """``python demo/app.py`` takes the command's options and goes through the same launch (a busy port
+    is refused by the same one-line check, before any model loads)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, str(root / "demo" / "app.py"), "--port", str(port)], cwd=root,
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 1 and f"127.0.0.1:{port}" in proc.stderr and "--port" in proc.stderr, proc.stderr

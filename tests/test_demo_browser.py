@@ -53,9 +53,17 @@ def test_page_generates_and_shows_videos_and_mask(tmp_path):
                 page.on("pageerror", lambda e: errors.append(str(e)))
                 page.goto(app.local_url, wait_until="domcontentloaded")
                 expect(page.locator("#generate")).to_be_visible(timeout=60_000)
-                # small enough to be quick on a CPU: 5 frames of 32x32 px, 3 steps
-                for elem_id, value in (("frames", 5), ("height", 32), ("width", 32), ("steps", 3)):
+                # small enough to be quick on a CPU: 5 frames of 32x32 px, 4 steps
+                for elem_id, value in (("frames", 5), ("height", 32), ("width", 32), ("steps", 4)):
                     _set_number(page, elem_id, value)
+                # every progress text the page shows while the run goes on ("dense: step 2/4", ...)
+                page.evaluate(
+                    "() => { window.progressSeen = new Set();"
+                    " const look = () => (document.body.innerText.match(/\\w+: step \\d+\\/\\d+/g) || [])"
+                    "   .forEach(t => window.progressSeen.add(t));"
+                    " new MutationObserver(look).observe(document.body,"
+                    "   {subtree: true, childList: true, characterData: true}); }"
+                )
                 page.locator("#generate").click()
 
                 dense = page.locator("#dense-video video")
@@ -63,6 +71,8 @@ def test_page_generates_and_shows_videos_and_mask(tmp_path):
                 mask = page.locator("#mask-image img")
                 for loc in (dense, sparse, mask):
                     expect(loc).to_be_visible(timeout=240_000)
+                seen = page.evaluate("() => [...window.progressSeen]")
+                assert len(seen) >= 2, f"the progress never moved: {seen}"  # per-step progress reached the page
                 # both videos decode in the browser: frames of the requested size are available
                 for loc in (dense, sparse):
                     loc.evaluate(

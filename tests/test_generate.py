@@ -195,7 +195,7 @@ def test_two_prompts_compare_dense_then_resume(tmp_path):
     assert main(argv) == 0
     names = ["0000-a-red-circle-moving-right-on-a-blue-background.mp4",
              "0001-a-white-triangle-moving-down-on-a-green-background.mp4"]
-    assert _visible(out) == sorted(names + ["report.jsonl", "summary.json"])
+    assert _visible(out) == sorted(names + ["report.jsonl", "run.json", "summary.json"])
     for name in names:
         assert read_video(out / name).shape == (5, 64, 56, 3)
     rows = _rows(out)
@@ -257,7 +257,7 @@ def test_ctrl_c_leaves_no_partial_files(tmp_path, monkeypatch):
     monkeypatch.setattr(gen._Runner, "_call", interrupt_second)
     out = tmp_path / "out"
     assert main(["generate", "--prompt", "a red circle", "--prompt", "a blue square", *SMALL, "--out", str(out)]) == 130
-    assert _visible(out) == ["0000-a-red-circle.mp4", "report.jsonl"]
+    assert _visible(out) == ["0000-a-red-circle.mp4", "report.jsonl", "run.json"]
     assert [r["index"] for r in _rows(out)] == [0]
 
 
@@ -323,3 +323,78 @@ def test_two_process_shards_cover_every_prompt_once(tmp_path):
     assert not list(out.glob("report.shard-*"))
     assert len(list(out.glob("*.mp4"))) == 5
     assert "5/5 ok" in logs[0]
+
+
+# ------------------------------------------------------------------------------------ output folder
+def _no_model(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded although the folder should have been refused")
+
+    monkeypatch.setattr(gen._Runner, "__init__", refuse)
+
+
+def test_a_folder_holding_another_run_is_refused_then_overwritten(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    first = ["generate", "--prompt", "a red circle", *SMALL, "--out", str(out)]
+    assert main(first) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert json.loads((out / "run.json").read_text())["method"] == "dense"
+    capsys.readouterr()
+
+    with monkeypatch.context() as m:
+        _no_model(m)
+        second = ["generate", "--prompt", "a blue square", "--method", "radial", *SMALL, "--out", str(out)]
+        assert main(second) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and str(out) in err and "already holds a run" in err
+        assert "--resume" in err and "--method dense" in err and "--overwrite" in err and "new --out" in err
+        # --resume with another method (or config, or size) is refused the same way
+        assert main(second + ["--resume"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "method 'dense' -> 'radial'" in err and "--overwrite" in err
+        assert main(first + ["--resume", "--config", "backend=torch"]) == 2
+        assert "config" in capsys.readouterr().err
+        assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing touched
+
+    assert main(second + ["--overwrite"]) == 0
+    assert _visible(out) == ["0000-a-blue-square.mp4", "report.jsonl", "run.json", "summary.json"]
+    assert [(r["method"], r["prompt"]) for r in _rows(out)] == [("radial", "a blue square")]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["prompt"] for r in summary["rows"]] == ["a blue square"]
+
+
+def test_an_unwritable_folder_fails_at_once_with_path_and_reason(tmp_path, monkeypatch, capsys):
+    import time
+
+    _no_model(monkeypatch)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for out in (blocker / "out", blocker):
+        start = time.perf_counter()
+        assert main(["generate", *SMALL, "--out", str(out)]) == 2
+        assert time.perf_counter() - start < 1.0
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and str(out) in err and "not writable" in err
+        assert ("Not a directory" in err) or ("File exists" in err)
+
+
+def test_summary_counts_every_timed_run_and_says_what_speedup_means():
+    long_prompt = "a red circle moving right on a blue background while a second, larger square drifts upwards"
+    rows = [
+        {"index": 0, "status": "ok", "prompt": long_prompt, "device": "cpu (x86_64, 2 threads)", "density": 0.5,
+         "seconds": {"total": 10.0}, "dense_seconds": {"total": 5.0}, "speedup": 0.5, "psnr": 30.0, "ssim": 0.9},
+        {"index": 1, "status": "ok", "prompt": "b", "device": "cpu (x86_64, 2 threads)", "density": 0.5,
+         "seconds": {"total": 2.0}, "dense_seconds": {"total": 3.0}, "speedup": 1.5, "psnr": 20.0, "ssim": 0.8},
+        {"index": 2, "status": "error", "prompt": "c", "error": "ValueError: height=30 must be a multiple of 4; "
+         "give a height that the model's patch and VAE divide, such as 32"},
+    ]
+    summary = gen.summarize(rows)
+    assert summary["seconds"] == pytest.approx(20.0)  # 12 s with the method + 8 s of dense comparison
+    assert summary["speedup"] == pytest.approx(8 / 12) and summary["speedup_mean"] == pytest.approx(1.0)
+    text = gen.format_table(summary)
+    assert "20.0 s (12.0 method + 8.0 dense)" in text
+    assert "0.67x overall" in text and "mean 1.00x (0.50x to 1.50x)" in text
+    assert "dense seconds / method seconds" in text
+    assert "noisy" in text and "shared CPU" in text
+    assert long_prompt in text and rows[2]["error"] in text
+    assert "-x" not in text

@@ -1,6 +1,7 @@
 """Gradio demo: one prompt rendered with dense and with sparse attention, side by side.
 
-``diffattn demo`` (or ``python demo/app.py``) starts it on ``127.0.0.1``. A generation runs the model
+``diffattn demo`` (or ``python demo/app.py``) starts it on ``127.0.0.1`` (``--host``/``--port``, or
+Gradio's ``GRADIO_SERVER_NAME``/``GRADIO_SERVER_PORT``, choose another address). A generation runs the model
 twice with the same seed — once with its own attention, once with the chosen method installed through
 :func:`diffattn.apply` — and shows both videos, the wall time of each and the speedup, PSNR/SSIM of
 the sparse video against the dense one, per-layer density and recall, and heatmaps of the block masks
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextvars
 import dataclasses
 import inspect
 import math
@@ -69,6 +71,9 @@ __all__ = [
     "render_mask",
     "build_app",
     "launch",
+    "check_port",
+    "resolve_address",
+    "PortInUse",
     "DEFAULT_PROMPT",
 ]
 
@@ -686,8 +691,13 @@ def build_app(
     min_tokens: int | None = None,
     default_method: str = "adaspa",
     defaults: dict[str, Any] | None = None,
+    result_ttl: int = 1800,
 ):
     """The Gradio app around a :class:`DemoRunner` on ``pipe``.
+
+    A session's last result (its videos, kept for the mask views) and Gradio's copies of the files it
+    served are removed ``result_ttl`` seconds after they were made, also for clients that never close
+    their session (API callers send no heartbeat).
 
     Returns:
         ``gr.Blocks`` with ``app.diffattn_runner`` (the runner; call ``close()`` after the server stops).
@@ -695,10 +705,9 @@ def build_app(
         height, width, steps, then every method's fields; outputs: dense video, sparse video, summary,
         metrics JSON, per-layer table, mask controls, mask image).
     """
-    try:
-        import gradio as gr
-    except ImportError as e:
-        raise ImportError("the demo needs Gradio: pip install 'diffattn[demo]'") from e
+    from .._extras import need
+
+    gr = need("gradio", "demo")
 
     runner = DemoRunner(pipe, model_name, limits=limits, min_tokens=min_tokens)
     lim = runner.limits
@@ -712,7 +721,10 @@ def build_app(
 
     controls: list[tuple[str, FieldSpec, Any]] = []
     groups = {}
-    with gr.Blocks(title="diffattn demo", analytics_enabled=False, delete_cache=(600, 3600)) as app:
+    if result_ttl < 1:
+        raise ValueError(f"result_ttl={result_ttl} must be at least 1 second")
+    cache_sweep = (max(1, min(60, result_ttl // 2)), result_ttl)  # (every, older than) in seconds
+    with gr.Blocks(title="diffattn demo", analytics_enabled=False, delete_cache=cache_sweep) as app:
         gr.Markdown(
             f"# diffattn: dense vs sparse attention\nModel: `{model_name}` · the same prompt and seed are "
             "generated with the model's own attention and with the chosen method."
@@ -759,7 +771,7 @@ def build_app(
                     step_dd = gr.Dropdown([], label="step", interactive=True)
                 mask_img = gr.Image(label="block mask", type="numpy", format="png", interactive=False,
                                     elem_id="mask-image")
-        state = gr.State(None, delete_callback=runner.discard)
+        state = gr.State(None, delete_callback=runner.discard, time_to_live=result_ttl)
 
         def show_fields(selected: str):
             return [gr.Accordion(visible=(m == selected)) for m in methods]
@@ -778,9 +790,12 @@ def build_app(
             except ValueError as e:
                 raise gr.Error(str(e), print_exception=False) from None
             cancel = threading.Event()
-            progress(0.0, desc="queued")
+            progress(0.0, desc="starting")
+            # Gradio finds the event a progress update belongs to through context variables, which an
+            # executor thread does not inherit: run the work inside a copy of this context.
+            context = contextvars.copy_context()
             work = asyncio.get_running_loop().run_in_executor(
-                None, lambda: runner.generate(req, lambda f, text: progress(f, desc=text), cancel)
+                None, context.run, lambda: runner.generate(req, lambda f, text: progress(f, desc=text), cancel)
             )
             try:
                 result = await asyncio.shield(work)
@@ -875,6 +890,7 @@ def launch(
     model: str | os.PathLike = "tiny",
     *,
     port: int = 7860,
+    host: str = "127.0.0.1",
     concurrency: int = 1,
     max_queue: int = 16,
     device: str | None = None,
@@ -882,20 +898,25 @@ def launch(
     inbrowser: bool = False,
     block: bool = True,
     pipe: Any = None,
+    result_ttl: int = 1800,
 ):
-    """Load ``model`` (``"tiny"``, a local Diffusers folder or a hub id) and serve the demo on 127.0.0.1.
+    """Load ``model`` (``"tiny"``, a local Diffusers folder or a hub id) and serve the demo.
 
     Args:
         model: what to load (ignored when ``pipe`` is given).
-        port: TCP port (0: a free one).
+        port: TCP port (0: a free one); a port in use raises :class:`PortInUse` before the model loads.
+        host: address to listen on (default loopback only; ``0.0.0.0`` serves every interface).
         concurrency: generations running at once (they share one pipeline, so more only queues
             the preparation); max_queue: waiting requests beyond which new ones are refused.
         device: where the model runs (default: CUDA when available, else CPU).
         max_tokens: most video tokens per generation (default: 8192 for the tiny model, no cap otherwise).
         inbrowser: open a browser tab.
+        result_ttl: seconds a session's result files are kept (see :func:`build_app`).
         block: serve until interrupted, then clean up; False returns ``app`` with the server running
             (``app.local_url``; stop with ``app.close()`` then ``app.diffattn_runner.close()``).
     """
+    port = port or _free_port(host)
+    check_port(host, port)
     if pipe is None:
         from ..pipelines.tiny import load_pipeline
 
@@ -903,7 +924,8 @@ def launch(
         dtype = torch.bfloat16 if device.startswith("cuda") and os.fspath(model) != "tiny" else None
         pipe = load_pipeline(model, dtype=dtype, device=device)
     lim = limits_for(pipe, max_tokens=max_tokens)
-    app = build_app(pipe, os.fspath(model), concurrency=concurrency, max_queue=max_queue, limits=lim)
+    app = build_app(pipe, os.fspath(model), concurrency=concurrency, max_queue=max_queue, limits=lim,
+                    result_ttl=result_ttl)
     runner: DemoRunner = app.diffattn_runner  # type: ignore[attr-defined]
     if block and threading.current_thread() is threading.main_thread():
         # `kill` (SIGTERM) stops the server like Ctrl-C does, so the cleanup below runs
@@ -915,7 +937,7 @@ def launch(
             font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
         )  # system fonts: the page must not fetch web fonts (offline machines)
         app.launch(
-            server_name="127.0.0.1", server_port=port or _free_port(), share=False, inbrowser=inbrowser,
+            server_name=host, server_port=port, share=False, inbrowser=inbrowser,
             prevent_thread_lock=not block, show_error=True, quiet=not block, ssr_mode=False,
             allowed_paths=[str(runner.root)], theme=theme, footer_links=["api"],
         )
@@ -931,12 +953,59 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _free_port() -> int:
+class PortInUse(OSError):
+    """The demo's port is taken; the message names ``--port``."""
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
     import socket
 
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def check_port(host: str, port: int) -> None:
+    """Raise :class:`PortInUse` when ``host:port`` cannot be listened on (checked before the model loads,
+    so a taken port costs a second, not a model load)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will; TIME_WAIT is no obstacle
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise PortInUse(f"cannot serve on {host}:{port} ({e.strerror}): choose another port with "
+                            f"--port (0 picks a free one)") from None
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve_address(port: int | None, host: str | None) -> tuple[str, int]:
+    """``--host``/``--port``, else Gradio's ``GRADIO_SERVER_NAME``/``GRADIO_SERVER_PORT``, else
+    127.0.0.1:7860."""
+    if host is None:
+        host = os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"
+    if port is None:
+        text = os.environ.get("GRADIO_SERVER_PORT")
+        try:
+            port = int(text) if text else 7860
+        except ValueError:
+            raise SystemExit(f"GRADIO_SERVER_PORT={text!r} is not a port number; set it to one or use --port") from None
+    if not 0 <= port <= 65535:
+        raise SystemExit(f"--port {port} is not a port number (0-65535; 0 picks a free one)")
+    return host, port
 
 
 # ---------------------------------------------------------------------------------------- command line
@@ -944,7 +1013,11 @@ def add_arguments(parser) -> None:
     """The demo's command-line options (shared by ``diffattn demo`` and ``python demo/app.py``)."""
     parser.add_argument("--model", default="tiny",
                         help="'tiny' (embedded, default), a local Diffusers folder or a hub id")
-    parser.add_argument("--port", type=int, default=7860, help="port on 127.0.0.1 (0: any free port; default 7860)")
+    parser.add_argument("--port", type=int,
+                        help="port (0: any free port; default $GRADIO_SERVER_PORT, else 7860)")
+    parser.add_argument("--host",
+                        help="address to listen on (default $GRADIO_SERVER_NAME, else 127.0.0.1: this machine only; "
+                        "0.0.0.0 opens the demo to the network)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when available, else CPU)")
     parser.add_argument("--concurrency", type=int, default=1, help="generations running at once (default 1)")
     parser.add_argument("--max-queue", type=int, default=16, help="waiting requests before new ones are refused")
@@ -955,14 +1028,25 @@ def add_arguments(parser) -> None:
 
 def run_from_args(args) -> int:
     """Serve the demo with parsed :func:`add_arguments` options until interrupted."""
+    import sys
+
+    from .._extras import need
+
+    need("gradio", "demo")  # before the model loads
+    host, port = resolve_address(args.port, args.host)
+    if not _is_loopback(host):
+        print(f"warning: serving on {host}: anyone who can reach this machine can use the demo and its "
+              "compute; use --host 127.0.0.1 to keep it local", file=sys.stderr)
     for name in ("concurrency", "max_queue"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise SystemExit(f"--max-tokens must be positive, got {args.max_tokens}")
     try:
-        launch(args.model, port=args.port, concurrency=args.concurrency, max_queue=args.max_queue,
+        launch(args.model, port=port, host=host, concurrency=args.concurrency, max_queue=args.max_queue,
                device=args.device, max_tokens=args.max_tokens, inbrowser=args.inbrowser)
+    except PortInUse as e:
+        raise SystemExit(f"diffattn demo: {e}") from None
     except KeyboardInterrupt:  # stopped while starting; launch has already cleaned up
         return 130
     return 0
@@ -972,7 +1056,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="diffattn demo", description="Gradio demo: dense vs sparse attention side by side, on 127.0.0.1."
+        prog="diffattn demo", description="Gradio demo: dense vs sparse attention side by side (on 127.0.0.1 by default)."
     )
     add_arguments(parser)
     return run_from_args(parser.parse_args(argv))

@@ -199,7 +199,9 @@ def update_readme(readme: Path | str, rows: list[dict[str, Any]]) -> tuple[str, 
 
 
 def draw_plots(rows: list[dict[str, Any]], out_dir: Path | str) -> list[Path]:
-    import matplotlib
+    from .._extras import need
+
+    matplotlib = need("matplotlib", "plot")
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt

@@ -27,7 +27,8 @@ block is only partly inside the neighbourhoods, so the result is exact.
 >>> round(plan.stats["speedup_upper_bound"], 2) > 1
 True
 
-Draw one: ``diffattn draw gna --shape 8 12 12 --kernel 3 5 5 --out na.png``.
+Draw one: ``diffattn draw gna --out gna.png`` (the strided preset on Wan's 480p latent grid), or
+``diffattn draw gna --shape 8 12 12 --kernel 3 5 5 --query 4 6 6 --out na.png``.
 """
 
 from __future__ import annotations
@@ -372,8 +373,10 @@ def gna_simulate(shape, kernel_size, stride=1, dilation=1, is_causal=False, tile
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", type=int, nargs="+", default=[8, 12, 12], help="grid, 1 to 3 axes")
-    ap.add_argument("--preset", choices=sorted(PRESETS), help="window family (kernel and stride)")
+    ap.add_argument("--shape", type=int, nargs="+", default=[21, 30, 52],
+                    help="grid, 1 to 3 axes (default 21 30 52: Wan 2.1's latent grid at 480p, 81 frames)")
+    ap.add_argument("--preset", choices=sorted(PRESETS),
+                    help="window family (kernel and stride); default strided unless --kernel is given")
     ap.add_argument("--kernel", type=int, nargs="+", help="kernel_size per axis")
     ap.add_argument("--stride", type=int, nargs="+", default=[1])
     ap.add_argument("--dilation", type=int, nargs="+", default=[1])
@@ -389,11 +392,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         return tuple(v) * nd if len(v) == 1 else tuple(v)
 
     kernel, stride = a.kernel, a.stride
-    if a.preset:
-        kernel = kernel or PRESETS[a.preset]["kernel_size"][-nd:]
-        stride = PRESETS[a.preset]["stride"][-nd:] if a.stride == [1] else stride
-    if kernel is None:
-        ap.error("give --kernel or --preset")
+    preset = a.preset or (None if kernel else "strided")
+    if preset:
+        kernel = kernel or PRESETS[preset]["kernel_size"][-nd:]
+        stride = PRESETS[preset]["stride"][-nd:] if a.stride == [1] else stride
     k, s, d, c = fit_to_grid(
         a.shape, per_axis(kernel), per_axis(stride), per_axis(a.dilation), tuple(bool(x) for x in per_axis(a.causal))
     )

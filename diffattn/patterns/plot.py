@@ -18,11 +18,13 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["save_masks", "mask_summary"]
+__all__ = ["save_masks", "save_figure", "mask_summary"]
 
 
 def _pyplot():
-    import matplotlib
+    from .._extras import need
+
+    matplotlib = need("matplotlib", "plot")
 
     # A file-only backend: drawing must work headless and must not steal an interactive session.
     if matplotlib.get_backend().lower() != "agg":
@@ -30,6 +32,17 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, out: str | os.PathLike, dpi: int = 150) -> None:
+    """Save and close ``fig``; the saved area is grown to every title and label (tight_layout alone
+    clips two-line titles above images)."""
+    plt = _pyplot()
+    try:
+        fig.tight_layout()
+        fig.savefig(os.fspath(out), dpi=dpi, bbox_inches="tight", pad_inches=0.15)
+    finally:
+        plt.close(fig)
 
 
 def mask_summary(mask: torch.Tensor) -> str:
@@ -44,6 +57,7 @@ def save_masks(
     lines: Sequence[int] | None = None,
     dpi: int = 150,
     max_side: int = 2048,
+    max_columns: int = 4,
 ) -> None:
     """Draw boolean masks side by side as heatmaps (kept = light) and save them to ``out``.
 
@@ -55,13 +69,18 @@ def save_masks(
         dpi: resolution of the saved figure.
         max_side: masks larger than this are average-pooled down before drawing (a pixel's shade is
             the fraction of kept cells it covers), so large token masks stay drawable.
+        max_columns: panels per row; more panels wrap onto further rows.
     """
     if not panels:
         raise ValueError("panels is empty; pass at least one (title, mask) pair")
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), squeeze=False)
+    cols = min(len(panels), max_columns)
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 5.4 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
     ref = _as_2d(panels[0][1], "panels[0]").shape[0]
-    for ax, (title, mask) in zip(axes[0], panels):
+    for ax, (title, mask) in zip(axes.flat, panels):
         m = _as_2d(mask, title)
         shown = _pool(m, max_side)
         ax.imshow(shown.numpy(), cmap="magma", interpolation="nearest", vmin=0.0, vmax=1.0)
@@ -73,9 +92,7 @@ def save_masks(
             for p in lines:
                 ax.axhline(p * scale - 0.5, color="tab:cyan", lw=0.3)
                 ax.axvline(p * scale - 0.5, color="tab:cyan", lw=0.3)
-    fig.tight_layout()
-    fig.savefig(os.fspath(out), dpi=dpi)
-    plt.close(fig)
+    save_figure(fig, out, dpi)
 
 
 def _as_2d(mask: torch.Tensor, name: str) -> torch.Tensor:

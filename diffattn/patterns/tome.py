@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, help="image file to write, e.g. tome.png")
     a = ap.parse_args(argv)
-    from .plot import _pyplot
+    from .plot import _pyplot, save_figure
 
     grid, stride = tuple(a.grid), tuple(a.stride)
     metric = smooth_features(grid, seed=a.seed)
@@ -314,9 +314,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(a.out, dpi=150)
-    plt.close(fig)
+    save_figure(fig, a.out)
     print(f"{a.out}: grid {grid}, stride {stride}, {m.dst.numel()} destinations")
 
 

@@ -51,7 +51,11 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
-from transformers import PreTrainedTokenizerBase
+
+from .._extras import need
+
+need("transformers", "edit", "FateZeroPipeline")
+from transformers import PreTrainedTokenizerBase  # noqa: E402  (after the one-line missing-extra check)
 
 from ..processors.fatezero import (
     AttentionStore,
@@ -155,7 +159,7 @@ class FateZeroOutput(BaseOutput):
 
 def write_video(frames: np.ndarray, path: Union[str, os.PathLike], fps: float = 8) -> str:
     """Write ``uint8 [F, H, W, 3]`` frames to an mp4 (H.264) atomically: a temp file, then a rename."""
-    import imageio.v2 as imageio
+    imageio = need("imageio.v2", "video")
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -224,8 +228,7 @@ class FateZeroPipeline(DiffusionPipeline):
             path = Path(video)
             if not path.is_file():
                 raise FileNotFoundError(f"video={str(video)!r}: no such file; give a video path or a list of frames")
-            import imageio.v2 as imageio
-
+            imageio = need("imageio.v2", "video")
             reader = imageio.get_reader(str(path))
             try:
                 frames = []

@@ -55,6 +55,9 @@ def tiny_clip_tokenizer(words: Iterable[str] = TINY_WORDS, model_max_length: int
     end-of-word byte symbols, the merge intermediates and whole words, in the order first needed.
     A word from ``words`` encodes to one token; other text falls back to (end-of-word) byte tokens.
     """
+    from .._extras import need
+
+    need("transformers", "edit", "the tiny CLIP tokenizer")
     from transformers import CLIPTokenizer
 
     alphabet = list(_bytes_to_unicode().values())
@@ -109,6 +112,10 @@ def tiny_sd_pipeline(
         ``diffusers.StableDiffusionPipeline`` with ``vae_scale_factor == 2``.
     """
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    from .._extras import need
+
+    need("transformers", "edit", "the tiny Stable Diffusion model")
     from transformers import CLIPTextConfig, CLIPTextModel
 
     levels = len(block_out_channels)

@@ -16,14 +16,10 @@ __all__ = ["to_uint8", "write_video", "read_video"]
 
 
 def _imageio():
-    try:
-        import imageio.v2 as imageio
-        import imageio_ffmpeg  # noqa: F401  (the ffmpeg binary comes with it)
-    except ImportError as e:
-        raise ImportError(
-            "writing mp4 files needs imageio and imageio-ffmpeg: pip install 'diffattn[video]'"
-        ) from e
-    return imageio
+    from .._extras import need
+
+    need("imageio_ffmpeg", "video")  # the ffmpeg binary comes with it
+    return need("imageio.v2", "video")
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:

@@ -28,7 +28,7 @@ import torch
 
 from .models import Grid, ModelSpec, bind_forward_args
 
-__all__ = ["StepTracker", "Stats", "ModelState", "ForwardInfo"]
+__all__ = ["StepTracker", "Stats", "SummaryTable", "ModelState", "ForwardInfo"]
 
 
 def _is_symbolic(t: torch.Tensor) -> bool:
@@ -201,8 +201,12 @@ class Stats:
         with self._lock:
             self.rows.append(row)
 
-    def summary(self) -> dict[str, Any]:
-        """Totals over all rows and a per-layer breakdown (mean density, time, searches, hits)."""
+    def summary(self) -> "SummaryTable":
+        """Totals over all rows and a per-layer breakdown (mean density, time, searches, hits).
+
+        A dict (``summary["density"]``, ``summary["layers"][name]``) that prints as a table;
+        ``summary.rows`` lists the layers as dicts with their name under ``"layer"``.
+        """
         per_layer: dict[str, dict[str, Any]] = defaultdict(
             lambda: {"calls": 0, "density_sum": 0.0, "time_ms": 0.0, "searches": 0, "cache_hits": 0,
                      "fallbacks": 0, "recall_sum": 0.0, "recall_n": 0}
@@ -230,7 +234,7 @@ class Stats:
                 "recall": (d["recall_sum"] / d["recall_n"]) if d["recall_n"] else None,
             }
         calls = sum(d["calls"] for d in layers.values())
-        return {
+        return SummaryTable({
             "calls": calls,
             "density": (sum(d["density"] * d["calls"] for d in layers.values()) / calls) if calls else None,
             "attention_ms": sum(d["time_ms"] for d in layers.values()),
@@ -238,7 +242,7 @@ class Stats:
             "cache_hits": sum(d["cache_hits"] for d in layers.values()),
             "fallbacks": sum(d["fallbacks"] for d in layers.values()),
             "layers": layers,
-        }
+        })
 
     def to_json(self) -> str:
         rows = [{k: v for k, v in r.items() if not isinstance(v, torch.Tensor)} for r in self.rows]
@@ -325,3 +329,34 @@ class _Timer:
         if self.sync:
             torch.cuda.synchronize()
         self.ms = (time.perf_counter() - self.t0) * 1e3
+
+
+class SummaryTable(dict):
+    """:meth:`Stats.summary`: the totals and ``"layers"`` as a dict, printed as a per-layer table."""
+
+    _COLUMNS = (("calls", "calls", "d"), ("density", "density", ".3f"), ("recall", "recall", ".3f"),
+                ("time_ms", "attn ms", ".1f"), ("searches", "searches", "d"), ("cache_hits", "cache hits", "d"),
+                ("fallbacks", "fallbacks", "d"))
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return [{"layer": name, **values} for name, values in self.get("layers", {}).items()]
+
+    def __str__(self) -> str:
+        def cell(value: Any, spec: str) -> str:
+            return "-" if value is None else format(value, spec)
+
+        total = {"layer": "all layers", "calls": self.get("calls"), "density": self.get("density"),
+                 "recall": None, "time_ms": self.get("attention_ms"), "searches": self.get("searches"),
+                 "cache_hits": self.get("cache_hits"), "fallbacks": self.get("fallbacks")}
+        body = [[r["layer"], *(cell(r.get(k), spec) for k, _, spec in self._COLUMNS)] for r in self.rows]
+        foot = [total["layer"], *(cell(total[k], spec) for k, _, spec in self._COLUMNS)]
+        head = ["layer", *(title for _, title, _ in self._COLUMNS)]
+        widths = [max(len(row[i]) for row in [head, foot, *body]) for i in range(len(head))]
+
+        def line(row: list[str]) -> str:
+            return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
+        rule = "-" * len(line(head))
+        return "\n".join([line(head), rule, *map(line, body), rule, line(foot)])
+
