@@ -69,6 +69,8 @@ def _block_sparse_fwd_kernel(
 
     offs_i = tl.arange(0, BLOCK_M)
     offs_m = pid_m * BLOCK_M + offs_i
+    # Token index x row stride passes 2**31 on fused-QKV views of long videos: row offsets are int64.
+    rows_m = offs_m.to(tl.int64)
     offs_j = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -80,7 +82,7 @@ def _block_sparse_fwd_kernel(
         d_ok = offs_d < D
         dv_ok = offs_dv < DV
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    q_ptrs = Q + b * stride_qb + h * stride_qh + rows_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -98,9 +100,10 @@ def _block_sparse_fwd_kernel(
     for t in range(0, count):
         kb = tl.load(idx_base + t * stride_ik)
         offs_n = kb * BLOCK_N + offs_j
+        rows_n = offs_n.to(tl.int64)
         col_ok = offs_n < N_K
         kb_tile = tl.load(
-            k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+            k_base + rows_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
             mask=col_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
@@ -129,7 +132,7 @@ def _block_sparse_fwd_kernel(
         acc = acc * alpha[:, None]
 
         vb = tl.load(
-            v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+            v_base + rows_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
             mask=col_ok[:, None] & dv_ok[None, :],
             other=0.0,
         )
@@ -143,9 +146,9 @@ def _block_sparse_fwd_kernel(
     out = acc / l_safe[:, None]
     lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
 
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od
+    o_ptrs = O + b * stride_ob + h * stride_oh + rows_m[:, None] * stride_on + offs_dv[None, :] * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
-    tl.store(LSE + b * stride_lb + h * stride_lh + offs_m * stride_ln, lse, mask=row_ok)
+    tl.store(LSE + b * stride_lb + h * stride_lh + rows_m * stride_ln, lse, mask=row_ok)
 
 
 def _pick_block_m(block_q: int, block_k: int, block_d: int, block_dv: int, elem: int) -> int:

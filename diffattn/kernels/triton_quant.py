@@ -67,6 +67,8 @@ def _quant_block_sparse_fwd_kernel(
 
     offs_i = tl.arange(0, BLOCK_M)
     offs_m = pid_m * BLOCK_M + offs_i
+    # Token index x row stride passes 2**31 on fused-QKV views of long videos: row offsets are int64.
+    rows_m = offs_m.to(tl.int64)
     offs_j = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -75,11 +77,11 @@ def _quant_block_sparse_fwd_kernel(
     dv_ok = offs_dv < DV
 
     qi = tl.load(
-        QI + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+        QI + b * stride_qb + h * stride_qh + rows_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
         mask=row_ok[:, None] & d_ok[None, :],
         other=0,
     )
-    row_f = tl.load(ROWF + b * stride_rb + h * stride_rh + offs_m * stride_rn, mask=row_ok, other=0.0)
+    row_f = tl.load(ROWF + b * stride_rb + h * stride_rh + rows_m * stride_rn, mask=row_ok, other=0.0)
     k_base = KI + b * stride_kb + h * stride_kh
     ks_base = KSC + b * stride_sb + h * stride_sh
     v_base = V + b * stride_vb + h * stride_vh
@@ -95,13 +97,14 @@ def _quant_block_sparse_fwd_kernel(
     for t in range(0, count):
         kb = tl.load(idx_base + t * stride_ik)
         offs_n = kb * BLOCK_N + offs_j
+        rows_n = offs_n.to(tl.int64)
         col_ok = offs_n < N_K
         ki = tl.load(
-            k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+            k_base + rows_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
             mask=col_ok[:, None] & d_ok[None, :],
             other=0,
         )
-        k_sc = tl.load(ks_base + offs_n * stride_sn, mask=col_ok, other=0.0)
+        k_sc = tl.load(ks_base + rows_n * stride_sn, mask=col_ok, other=0.0)
         s_int = tl.dot(qi, tl.trans(ki), out_dtype=tl.int32)
         # Same multiplication order as the reference: the integer product is exact, so s matches bitwise.
         s = (s_int.to(tl.float32) * row_f[:, None]) * k_sc[None, :]
@@ -124,7 +127,7 @@ def _quant_block_sparse_fwd_kernel(
         acc = acc * alpha[:, None]
 
         vb = tl.load(
-            v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+            v_base + rows_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
             mask=col_ok[:, None] & dv_ok[None, :],
             other=0.0,
         )
@@ -146,9 +149,9 @@ def _quant_block_sparse_fwd_kernel(
     l_safe = tl.where(has, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od
+    o_ptrs = O + b * stride_ob + h * stride_oh + rows_m[:, None] * stride_on + offs_dv[None, :] * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
-    tl.store(LSE + b * stride_lb + h * stride_lh + offs_m * stride_ln, lse, mask=row_ok)
+    tl.store(LSE + b * stride_lb + h * stride_lh + rows_m * stride_ln, lse, mask=row_ok)
 
 
 def _launch(q, k, v, layout: BlockSparseLayout, scale: float, qk_bits: int, pv_bits: int | None):
