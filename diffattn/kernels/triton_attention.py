@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tuning import LOG2E, autotune_configs, interpreting
+from ._tuning import LOG2E, autotune_configs, interpreting, prune, shared_memory_estimate, shared_memory_limit
 from .layout import BlockSparseLayout
 
 __all__ = ["triton_block_sparse_attention"]
@@ -25,12 +25,24 @@ _MAX_TILE = 128
 
 
 # Hopper: 64/128-row tiles are fed by 4 warps (one warpgroup) or 8; 2-4 stages hide K/V latency
-# within the 228 KB of shared memory; one stage keeps fp32 tiles with D > 128 within it. Configs
-# that do not fit are discarded by the autotuner.
+# within the 228 KB of shared memory; one stage keeps fp32 tiles with D > 128 within it. _prune drops,
+# per shape, the configs that would spill or not fit.
 _CONFIGS = autotune_configs(((4, 2), (4, 3), (4, 4), (8, 2), (8, 3), (8, 4), (8, 1)))
 
 
-@triton.autotune(configs=_CONFIGS, key=["D", "DV", "BLOCK_M", "SPLIT_M", "BLOCK_N", "HAS_PARTIAL"])
+def _prune(configs, named_args, **meta):
+    elem = named_args["Q"].element_size()
+    bm, bn, bd, bdv = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_D"], meta["BLOCK_DV"]
+    mask_tile = bm * bn if meta["HAS_PARTIAL"] else 0
+    shared = {c: shared_memory_estimate(c, bm, bn, bd * elem, (bd + bdv) * elem, mask_tile) for c in configs}
+    return prune(configs, block_m=bm, shared=shared, limit=shared_memory_limit(named_args["Q"].device))
+
+
+@triton.autotune(
+    configs=_CONFIGS,
+    key=["D", "DV", "BLOCK_M", "SPLIT_M", "BLOCK_N", "HAS_PARTIAL"],
+    prune_configs_by={"early_config_prune": _prune},
+)
 @triton.jit
 def _block_sparse_fwd_kernel(
     Q, K, V, O, LSE,
@@ -155,10 +167,11 @@ def _pick_block_m(block_q: int, block_k: int, block_d: int, block_dv: int, elem:
     """Rows per program: the layout's query block, halved while the tiles would not fit on chip.
 
     One stage of K and V tiles plus the Q tile must fit in ~160 KB of shared memory (Hopper has 228 KB),
-    and head dims above 128 keep at most 64 rows so the fp32 accumulator stays in registers.
+    and head dims above 128 or fp32 tiles keep at most 64 rows so the accumulator stays in registers
+    (128 fp32 rows at head dim 128 spill kilobytes per thread on sm_90a).
     """
     bm = min(block_q, _MAX_TILE)
-    if max(block_d, block_dv) > 128:
+    if max(block_d, block_dv) > 128 or elem >= 4:
         bm = min(bm, 64)
     while bm > 16 and elem * (bm * block_d + block_k * (block_d + block_dv)) > 160 * 1024:
         bm //= 2

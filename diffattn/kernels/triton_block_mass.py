@@ -15,8 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tuning import LOG2E, autotune_configs, interpreting
-
+from ._tuning import LOG2E, autotune_configs, interpreting, prune, shared_memory_estimate, shared_memory_limit
 from .layout import cdiv
 
 __all__ = ["triton_block_mass"]
@@ -26,7 +25,14 @@ _MAX_TILE = 128
 _CONFIGS = autotune_configs(((4, 2), (4, 3), (8, 2), (8, 3), (8, 1)))
 
 
-@triton.autotune(configs=_CONFIGS, key=["D", "BLOCK_M", "BLOCK_N"])
+def _prune(configs, named_args, **meta):
+    elem = named_args["Q"].element_size()
+    bm, bn, bd = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_D"]
+    shared = {c: shared_memory_estimate(c, bm, bn, bd * elem, bd * elem) for c in configs}
+    return prune(configs, block_m=bm, shared=shared, limit=shared_memory_limit(named_args["Q"].device))
+
+
+@triton.autotune(configs=_CONFIGS, key=["D", "BLOCK_M", "BLOCK_N"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _block_mass_kernel(
     Q, K, LSE, OUT,

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tuning import LOG2E, autotune_configs, interpreting
+from ._tuning import LOG2E, autotune_configs, interpreting, prune, shared_memory_estimate, shared_memory_limit
 from .layout import BlockSparseLayout
 from .quant_reference import quantize_qk_for_kernel
 
@@ -32,7 +32,20 @@ _MAX_TILE = 128
 _CONFIGS = autotune_configs(((4, 2), (4, 3), (8, 2), (8, 3), (4, 1)))
 
 
-@triton.autotune(configs=_CONFIGS, key=["D", "DV", "BLOCK_M", "BLOCK_N", "HAS_PARTIAL", "P_LEVELS"])
+def _prune(configs, named_args, **meta):
+    elem = named_args["V"].element_size()
+    bm, bn, bd, bdv = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_D"], meta["BLOCK_DV"]
+    mask_tile = bm * bn if meta["HAS_PARTIAL"] else 0
+    # int8 Q and K tiles, V in its own dtype.
+    shared = {c: shared_memory_estimate(c, bm, bn, bd, bd + bdv * elem, mask_tile) for c in configs}
+    return prune(configs, block_m=bm, shared=shared, limit=shared_memory_limit(named_args["V"].device))
+
+
+@triton.autotune(
+    configs=_CONFIGS,
+    key=["D", "DV", "BLOCK_M", "BLOCK_N", "HAS_PARTIAL", "P_LEVELS"],
+    prune_configs_by={"early_config_prune": _prune},
+)
 @triton.jit
 def _quant_block_sparse_fwd_kernel(
     QI, KI, ROWF, KSC, V, O, LSE,
