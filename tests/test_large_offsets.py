@@ -64,7 +64,9 @@ CHILD = textwrap.dedent(
 
 def test_row_offsets_past_2_31_elements(tmp_path):
     code = CHILD.format(tests=str(Path(__file__).parent))
-    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "qkv.bin")], capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "qkv.bin")], capture_output=True, text=True, timeout=300
+    )
     assert p.returncode == 0 and p.stdout.strip().endswith("block mass ok"), (
         f"kernels on views with row offsets > 2**31: exit code {p.returncode}; passed before it: "
         f"{p.stdout.split()!r}\n{p.stderr[-3000:]}"
