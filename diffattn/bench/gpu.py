@@ -483,8 +483,10 @@ def model_step(run: Run, device, smoke: bool) -> None:
     for method in ("dense",) + (SMOKE_MODEL_METHODS if smoke else VIDEO_METHODS):
         if run.over_budget("model", f"{name} {method}"):
             break
+        applied = False
         try:
             diffattn.apply(model, method, min_tokens=0)
+            applied = True
             from diffattn.processors.sparse import state_of
 
             schedule = _Schedule(torch.linspace(999, 0, steps))
@@ -519,7 +521,8 @@ def model_step(run: Run, device, smoke: bool) -> None:
         except Exception as e:  # noqa: BLE001
             run.failed("model", f"{name} {method}", e, model=name, method=method)
         finally:
-            diffattn.remove(model)
+            if applied:
+                diffattn.remove(model)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()

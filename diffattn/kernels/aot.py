@@ -59,36 +59,43 @@ class Scenario:
 def scenarios(arch: int, scope: str = "ci") -> list[Scenario]:
     """What the launchers produce for the package's dtypes, head dims and layouts.
 
-    Gated (sm_90a): bf16/fp16 x D 64/128 x 64x64/128x64 blocks, full and partial blocks (attention),
-    P on 8 bits or unrounded (int8 kernel), block mass. Compiled and reported besides: fp32, head dims
-    40/80/160/256 (SD UNets; 256 the kernels' limit), 128x128 and 16/32-token blocks, INT4-grid P,
-    partial blocks in the int8 kernel. sm_80: attention in bf16 at D 128 with both block shapes and
-    fp16 at D 64, the int8 kernel and block mass. ``scope="full"`` adds the fp16/fp32 cross product of
-    the extra head dims and block shapes on sm_90a, and the gated set on sm_80.
+    ``ci`` (about 180 compiles, ~3 minutes on 2 free cores), gated on sm_90a: attention in bf16 at head dim
+    64/128 with 64x64 and 128x64 blocks, full and partial blocks, and in fp16 with full blocks; the
+    int8 kernel with P on 8 bits (bf16 and fp16 V) and unrounded; block mass. Compiled and reported
+    besides: head dims 40/80/160/256 (SD UNets; 256 the kernels' limit), fp32, 128x128 and 16/32-token
+    blocks, the INT4 P grid, partial blocks in the int8 kernel; on sm_80 bf16 attention (full and
+    partial), the int8 kernel and block mass at head dim 128.
+    ``full`` (about 500 compiles) gates the whole bf16 x fp16 x D 64/128 x 64x64/128x64 x partial x
+    P-grid product and adds fp16/fp32 to every extra head dim and block shape, and the gated set on sm_80.
     """
+    full = scope == "full"
     out: list[Scenario] = []
     if arch == 80:
-        for bq, bk in ((64, 64), (128, 64)):
-            out += [Scenario("attn", "bf16", 128, bq, bk), Scenario("attn", "bf16", 128, bq, bk, partial=True)]
-        out += [Scenario("attn", "fp16", 64, 64, 64), Scenario("quant", "bf16", 128, 64, 64, pv_bits=8),
+        out += [Scenario("attn", "bf16", 128, 64, 64), Scenario("attn", "bf16", 128, 128, 64),
+                Scenario("attn", "bf16", 128, 128, 64, partial=True), Scenario("quant", "bf16", 128, 64, 64, pv_bits=8),
                 Scenario("mass", "bf16", 128, 64, 64)]
-        if scope == "full":
-            out += [dataclasses.replace(s, gated=False) for s in scenarios(90, "ci") if s.gated]
+        if full:
+            out += [dataclasses.replace(s, gated=False) for s in scenarios(90, "full") if s.gated]
         return list(dict.fromkeys(out))
+    blocks = ((64, 64), (128, 64))
     for dt in ("bf16", "fp16"):
         for d in (64, 128):
-            for bq, bk in ((64, 64), (128, 64)):
-                out += [Scenario("attn", dt, d, bq, bk, partial=p, gated=True) for p in (False, True)]
-                out += [Scenario("quant", dt, d, bq, bk, pv_bits=pv, gated=True) for pv in (8, None)]
-                out.append(Scenario("mass", dt, d, bq, bk, gated=True))
-    extra_dtypes = ("bf16", "fp16", "fp32") if scope == "full" else ("bf16",)
-    for dt in extra_dtypes:
+            for bq, bk in blocks:
+                partials = (False, True) if dt == "bf16" or full else (False,)
+                out += [Scenario("attn", dt, d, bq, bk, partial=p, gated=True) for p in partials]
+                if dt == "bf16" or full or (d, bq) == (64, 64):
+                    out.append(Scenario("quant", dt, d, bq, bk, pv_bits=8, gated=True))
+                    out.append(Scenario("mass", dt, d, bq, bk, gated=True))
+                if full:
+                    out.append(Scenario("quant", dt, d, bq, bk, pv_bits=None, gated=True))
+                    out.append(Scenario("quant", dt, d, bq, bk, pv_bits=4, gated=True))
+    out.append(Scenario("quant", "bf16", 128, 64, 64, pv_bits=None, gated=True))
+    for dt in ("bf16", "fp16", "fp32") if full else ("bf16",):
         out += [Scenario("attn", dt, d, 128, 64) for d in (40, 80, 160, 256)]
         out += [Scenario("attn", dt, 128, 128, 128), Scenario("attn", dt, 64, 16, 16),
                 Scenario("attn", dt, 64, 32, 32, partial=True)]
-    out += [Scenario("attn", "fp32", d, 128, 64) for d in (64, 128)]
-    out += [Scenario("quant", "bf16", 128, 128, 64, pv_bits=4), Scenario("quant", "bf16", 128, 64, 64, True, 8),
-            Scenario("quant", "fp32", 64, 32, 32, pv_bits=8), Scenario("mass", "fp32", 64, 64, 64)]
+    out += [Scenario("attn", "fp32", 128, 128, 64), Scenario("quant", "bf16", 128, 128, 64, pv_bits=4),
+            Scenario("quant", "bf16", 128, 64, 64, partial=True, pv_bits=8), Scenario("mass", "fp32", 64, 64, 64)]
     return list(dict.fromkeys(out))
 
 
