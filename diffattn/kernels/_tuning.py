@@ -58,15 +58,22 @@ def shared_memory_estimate(cfg, block_m: int, block_n: int, q_bytes: int, kv_byt
     return block_m * q_bytes + stages * (block_n * kv_bytes_per_row + extra) + block_m * block_n * 4
 
 
-def prune(configs, *, block_m: int, shared: dict, limit: int) -> list:
+def prune(configs, *, block_m: int, block_d: int, elem: int, shared: dict, limit: int) -> list:
     """The configs worth timing for one shape.
 
-    - 128-row tiles keep 8 warps: with 4, the fp32 accumulator and score tile of 128 rows need more
-      than 255 registers per thread at head dim 64-128 and spill (measured with ptxas for sm_90a).
+    - 128-row tiles, head-dim tiles above 128 and fp32 tiles of 64 rows keep 8 warps: with 4, the
+      accumulator and score tile need more than 255 registers per thread and spill (measured with
+      ptxas for sm_90a: 0.2-5 KB per thread at 128 rows and head dim 64-128, 32-40 B at head dim
+      160/256, over 1 KB for 64 fp32 rows); 32 fp32 rows keep 4 warps (8 spill there).
     - configs whose shared memory (``shared[cfg]``, estimated) exceeds the device's are dropped.
     At least one config survives: the one using the least shared memory.
     """
-    kept = [c for c in configs if not (block_m >= 128 and c.num_warps < 8)]
+    if block_m >= 128 or block_d > 128 or (elem >= 4 and block_m >= 64):
+        kept = [c for c in configs if c.num_warps >= 8]
+    elif elem >= 4:
+        kept = [c for c in configs if c.num_warps <= 4]
+    else:
+        kept = list(configs)
     kept = [c for c in kept if shared[c] <= limit]
     if kept:
         return kept

@@ -35,7 +35,8 @@ def _prune(configs, named_args, **meta):
     bm, bn, bd, bdv = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_D"], meta["BLOCK_DV"]
     mask_tile = bm * bn if meta["HAS_PARTIAL"] else 0
     shared = {c: shared_memory_estimate(c, bm, bn, bd * elem, (bd + bdv) * elem, mask_tile) for c in configs}
-    return prune(configs, block_m=bm, shared=shared, limit=shared_memory_limit(named_args["Q"].device))
+    limit = shared_memory_limit(named_args["Q"].device)
+    return prune(configs, block_m=bm, block_d=max(bd, bdv), elem=elem, shared=shared, limit=limit)
 
 
 @triton.autotune(
@@ -167,12 +168,14 @@ def _pick_block_m(block_q: int, block_k: int, block_d: int, block_dv: int, elem:
     """Rows per program: the layout's query block, halved while the tiles would not fit on chip.
 
     One stage of K and V tiles plus the Q tile must fit in ~160 KB of shared memory (Hopper has 228 KB),
-    and head dims above 128 or fp32 tiles keep at most 64 rows so the accumulator stays in registers
-    (128 fp32 rows at head dim 128 spill kilobytes per thread on sm_90a).
+    and head dims above 128 keep at most 64 rows so the accumulator stays in registers; fp32 operands
+    (no tensor-core path at full precision) keep 32 (64 fp32 rows at head dim 128 spill on sm_90a).
     """
     bm = min(block_q, _MAX_TILE)
-    if max(block_d, block_dv) > 128 or elem >= 4:
+    if max(block_d, block_dv) > 128:
         bm = min(bm, 64)
+    if elem >= 4:
+        bm = min(bm, 32)
     while bm > 16 and elem * (bm * block_d + block_k * (block_d + block_dv)) > 160 * 1024:
         bm //= 2
     return bm

@@ -29,7 +29,8 @@ def _prune(configs, named_args, **meta):
     elem = named_args["Q"].element_size()
     bm, bn, bd = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_D"]
     shared = {c: shared_memory_estimate(c, bm, bn, bd * elem, bd * elem) for c in configs}
-    return prune(configs, block_m=bm, shared=shared, limit=shared_memory_limit(named_args["Q"].device))
+    limit = shared_memory_limit(named_args["Q"].device)
+    return prune(configs, block_m=bm, block_d=bd, elem=elem, shared=shared, limit=limit)
 
 
 @triton.autotune(configs=_CONFIGS, key=["D", "BLOCK_M", "BLOCK_N"], prune_configs_by={"early_config_prune": _prune})

@@ -38,7 +38,8 @@ def _prune(configs, named_args, **meta):
     mask_tile = bm * bn if meta["HAS_PARTIAL"] else 0
     # int8 Q and K tiles, V in its own dtype.
     shared = {c: shared_memory_estimate(c, bm, bn, bd, bd + bdv * elem, mask_tile) for c in configs}
-    return prune(configs, block_m=bm, shared=shared, limit=shared_memory_limit(named_args["V"].device))
+    limit = shared_memory_limit(named_args["V"].device)
+    return prune(configs, block_m=bm, block_d=max(bd, bdv), elem=elem, shared=shared, limit=limit)
 
 
 @triton.autotune(
