@@ -153,6 +153,7 @@ _BENCHES = {
     "e2e": "real-size denoisers (random weights) over full schedules, every method",
     "quality": "error and recall vs density on synthetic DiT-like attention",
     "unet": "SD 1.5-shaped UNet: dense vs agent attention vs ToMe",
+    "gpu": "the GPU check in ~6 min: kernel correctness per config, timings, one model step (--smoke: CPU)",
     "tiny": "embedded tiny video model: PSNR/SSIM of every video method vs dense",
     "report": "plots and the README results section from benchmarks/results/*.jsonl",
     "all": "every benchmark this machine can run, then the report",

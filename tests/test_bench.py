@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from diffattn import cli
 from diffattn.bench import report
@@ -64,6 +65,18 @@ def test_e2e_bench_rows(tmp_path):
         assert r["total_s"] > 0 and 0 < r["attention_share"] <= 1 and r["fallbacks"] == 0
     assert rows[0]["density"] == 1.0 and rows[1]["density"] < 1.0
     assert rows[1]["speedup_vs_dense"] > 0 and rows[1]["config"]["dense_steps"] == 0
+    # Compilation and autotuning are paid in an untimed warm-up, reported apart.
+    assert all(r["warmup_s"] > 0 and r["build_s"] >= 0 for r in rows)
+
+
+def test_models_are_built_on_the_target_device_in_the_target_dtype():
+    from diffattn.bench.common import build_model
+
+    # The meta device allocates nothing: a parameter created on the host first would not be on it.
+    model = build_model(lambda: torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)), "meta",
+                        torch.bfloat16)
+    assert {(p.device.type, p.dtype) for p in model.parameters()} == {("meta", torch.bfloat16)}
+    assert not model.training and torch.get_default_dtype() == torch.float32
 
 
 def test_report_renders_tables_and_plots(tmp_path):

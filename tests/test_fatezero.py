@@ -15,7 +15,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+pytest.importorskip("diffusers", reason="FateZero edits Diffusers attention modules")
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0  # noqa: E402
 
 from diffattn.pipelines import FateZeroPipeline
 from diffattn.pipelines.fatezero import write_video

@@ -13,10 +13,16 @@ B, H, N = 2, 3, 150  # 5 blocks of 32, the last one 22 tokens long
 BLOCK = 32
 
 
-def _kernel(*args, **kw):
+# Where the launcher runs: CUDA when present, else the CPU interpreter (tests/conftest.py).
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _kernel(q, k, v, layout, **kw):
+    """The kernel on DEVICE, its outputs back on the inputs' device (where the references are)."""
     from diffattn.kernels.triton_quant import triton_quantized_block_sparse_attention
 
-    return triton_quantized_block_sparse_attention(*args, **kw)
+    o, lse = triton_quantized_block_sparse_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), layout.to(DEVICE), **kw)
+    return o.to(q.device), lse.to(q.device)
 
 
 def _layout(density, seed=0, n=N, block=BLOCK, b=B, h=H):
@@ -149,11 +155,12 @@ def test_paro_quantized_path_uses_the_kernel_on_the_triton_backend():
             layer="l0", grid=grid, step=step, num_steps=10, branch=0, text_len=0, record=lambda **kw: None
         )
 
-    method.attend(*x, ctx(1))  # calibration (dense)
-    o = method.attend(*x, ctx(2))
+    on_device = [t.to(DEVICE) for t in x]
+    method.attend(*on_device, ctx(1))  # calibration (dense)
+    o = method.attend(*on_device, ctx(2)).cpu()
     c = method.state.entries[("l0", 0, 0)]
     perms = head_permutations(grid, c.orders)
-    layout = BlockSparseLayout.from_block_mask(c.mask[None], 32, 32, 105, 105)
+    layout = BlockSparseLayout.from_block_mask(c.mask[None].cpu(), 32, 32, 105, 105)
     op, _ = online_quantized_attention(*(permute_heads(t, perms) for t in x), layout, None, 8, 4)
     ref = permute_heads(op, inverse_permutation(perms))
     a, r = OUTPUT_TOL[torch.float32]

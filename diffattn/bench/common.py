@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -13,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["environment", "write_rows", "timed", "default_output", "device_slug"]
+__all__ = ["build_model", "environment", "write_rows", "timed", "default_output", "device_slug"]
 
 
 def _git_commit() -> str:
@@ -93,3 +94,22 @@ def timed(fn: Callable[[], Any], device: torch.device, warmup: int = 1, repeat: 
         times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     return times[len(times) // 2]
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_model(build: Callable[[], torch.nn.Module], device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:
+    """``build()`` with its parameters created on ``device`` in ``dtype`` (a 14B model never exists in
+    fp32 on the host); integer and explicitly typed buffers keep their dtype. In eval mode."""
+    device = torch.device(device)
+    with torch.device(device), _default_dtype(dtype if dtype.is_floating_point else torch.float32):
+        model = build()
+    return model.to(device=device, dtype=dtype).eval()

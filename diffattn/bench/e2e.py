@@ -1,7 +1,9 @@
 """End-to-end denoiser benchmark: real-size architectures with random weights, full schedules.
 
-For each method the denoiser runs a whole denoising schedule (every step, every CFG call), so dense
-warm-up steps, search steps and cached steps are all paid for exactly as in generation. Reported per
+The model is built on the target device in the target dtype. For each method, one untimed call at
+each step where a method changes phase compiles and autotunes its kernels first (``warmup_s``, apart);
+then the denoiser runs a whole denoising schedule (every step, every CFG call), so dense warm-up
+steps, search steps and cached steps are all paid for exactly as in generation. Reported per
 (model, method): total seconds, median steady-state step time, attention time and share, mean
 density, searches, peak memory and speedup/extra memory against dense in the same run.
 
@@ -26,7 +28,7 @@ from tqdm.auto import tqdm
 import diffattn
 from diffattn.processors.sparse import state_of
 
-from .common import default_output, environment, write_rows
+from .common import build_model, default_output, environment, write_rows
 
 __all__ = ["PRESETS", "run", "main"]
 
@@ -191,32 +193,46 @@ def run(
         raise ValueError(f"unknown method(s) {unknown}; available: {diffattn.methods()}")
     env = environment(dev)
     torch.manual_seed(0)
-    model = preset.build().to(dev, dt).eval()
+    t_build = time.perf_counter()
+    model = build_model(preset.build, dev, dt)
+    build_s = time.perf_counter() - t_build
     _truncate(model, preset.layer_attr, layers)
     inputs = preset.inputs(dev, dt)
     schedule = _Schedule(torch.linspace(999, 0, steps))
+
+    def step(s: int) -> float:
+        schedule.step_index = None if s == 0 else s
+        inputs["timestep"] = torch.full_like(inputs["timestep"], float(schedule.timesteps[s]))
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        for _ in range(preset.cfg_calls):
+            model(**inputs, return_dict=False)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return (time.perf_counter() - t0) * 1e3
+
+    # Steps at which the methods change phase (dense warm-up, searches, plan refreshes), out of 50.
+    warm_steps = sorted({min(steps - 1, round(s * steps / 50)) for s in (0, 5, 10, 25, 30, 49)})
     rows: list[dict[str, Any]] = []
     dense_row: dict[str, Any] | None = None
     for method in methods:
-        cfg = diffattn.apply(model, method, min_tokens=min_tokens, sync_timing=True, **(configs or {}).get(method, {}))
+        method_cfg = (configs or {}).get(method, {})
+        # Warm-up: one untimed call at each phase-change step compiles and autotunes every kernel the
+        # schedule will launch; it is reported apart (warmup_s) and the method starts afresh after.
+        diffattn.apply(model, method, min_tokens=min_tokens, sync_timing=True, **method_cfg)
+        state_of(model).tracker.scheduler = schedule
+        with torch.no_grad():
+            warmup_s = sum(step(s) for s in warm_steps) / 1e3
+        diffattn.remove(model)
+        cfg = diffattn.apply(model, method, min_tokens=min_tokens, sync_timing=True, **method_cfg)
         state = state_of(model)
         state.tracker.scheduler = schedule
         if dev.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)
-        step_ms = []
         with torch.no_grad():
-            for s in tqdm(range(steps), desc=f"{preset_name} {method}", leave=False):
-                schedule.step_index = None if s == 0 else s
-                inputs["timestep"] = torch.full_like(inputs["timestep"], float(schedule.timesteps[s]))
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                t0 = time.perf_counter()
-                for _ in range(preset.cfg_calls):
-                    model(**inputs, return_dict=False)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                step_ms.append((time.perf_counter() - t0) * 1e3)
+            step_ms = [step(s) for s in tqdm(range(steps), desc=f"{preset_name} {method}", leave=False)]
         summary = diffattn.stats(model).summary()
         peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
         diffattn.remove(model)
@@ -233,6 +249,8 @@ def run(
             "method": method,
             "config": json.loads(cfg.to_json()),
             "total_s": sum(step_ms) / 1e3,
+            "warmup_s": warmup_s,
+            "build_s": build_s,
             "steady_step_ms": tail[len(tail) // 2],
             "attention_ms": summary["attention_ms"],
             "attention_share": summary["attention_ms"] / max(sum(step_ms), 1e-9),

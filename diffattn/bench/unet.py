@@ -44,14 +44,17 @@ def sd15_unet(sample: int, device, dtype):
     """UNet2DConditionModel with SD 1.5's shape (860M parameters), random weights."""
     from diffusers import UNet2DConditionModel
 
-    with torch.device(device):
-        unet = UNet2DConditionModel(
+    from .common import build_model
+
+    return build_model(
+        lambda: UNet2DConditionModel(
             sample_size=sample, in_channels=4, out_channels=4, layers_per_block=2,
             block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        )
-    return (unet if dtype == torch.float32 else unet.to(dtype=dtype)).eval()
+        ),
+        device, dtype,
+    )
 
 
 def tiny_unet(sample: int, device, dtype):
@@ -112,9 +115,15 @@ def speed(args, env) -> list[dict]:
         sample = res // 8 if not args.quick else res // 2
         build = tiny_unet if args.quick else sd15_unet
         unet = build(sample, device, dtype)
-        # Warm-up: kernels, allocator, cuDNN choices.
-        run_schedule(unet, "dense", 2, sample, device, dtype)
-        results = {m: run_schedule(unet, m, args.steps, sample, device, dtype) for m in args.methods}
+        # Warm-up of every method before any is timed (kernel compilation, autotuning, allocator,
+        # cuDNN choices), reported apart as warmup_s.
+        warmup = {}
+        for m in args.methods:
+            t0 = time.perf_counter()
+            run_schedule(unet, m, 2, sample, device, dtype)
+            warmup[m] = time.perf_counter() - t0
+        results = {m: run_schedule(unet, m, args.steps, sample, device, dtype) | {"warmup_s": warmup[m]}
+                   for m in args.methods}
         dense = results.get("dense")
         dense_flops = next((r["dense_self_attn_gflops"] for r in results.values() if "dense_self_attn_gflops" in r), None)
         for m, r in results.items():

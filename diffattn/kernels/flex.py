@@ -7,12 +7,13 @@ the result is exact even where the block structure is ignored (eager mode on CPU
 ``mask_mod`` densely).
 
 On CUDA the call is compiled with ``torch.compile`` (one compiled callable per process; it
-recompiles for new shapes). Elsewhere it runs eagerly, which materialises ``Nq x Nk`` scores — for
+recompiles for new shapes, up to 64 of them, then raises rather than run eagerly). Elsewhere it runs eagerly, which materialises ``Nq x Nk`` scores — for
 tests, not for long sequences.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -23,6 +24,8 @@ from .layout import BlockSparseLayout
 __all__ = ["flex_block_sparse_attention", "layout_to_flex_block_mask"]
 
 _compiled = None
+# Distinct (shape, block-mask size) specialisations one process may compile before raising.
+_RECOMPILE_LIMIT = 64
 
 # State of one (query block, key block) pair in the dense lookup table.
 _NOT_LISTED = -2
@@ -127,13 +130,22 @@ def flex_block_sparse_attention(
     if block_mask is None:
         block_mask = layout_to_flex_block_mask(layout, b, h, nq, nk)
     kernel_options = None
+    compiled = contextlib.nullcontext()
     if q.is_cuda:
         fn = _flex_call()
         # The kernel tile must divide the layout's blocks; the default tile may not.
         kernel_options = {"BLOCK_M": min(layout.block_q, 128), "BLOCK_N": min(layout.block_k, 64)}
+        # Every new shape or block-mask size compiles once more; past torch's recompile limit (8) the
+        # call would run eagerly with an Nq x Nk score matrix. Allow many shapes, and raise past them.
+        import torch._dynamo
+
+        compiled = torch._dynamo.config.patch(
+            recompile_limit=max(_RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit),
+            fail_on_recompile_limit_hit=True,
+        )
     else:
         fn = flex_attention
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), compiled:
         # Eager mode warns that it materialises the scores; that is the documented CPU behaviour.
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         o, aux = fn(

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tuning import LOG2E, autotune_configs, interpreting
+from ._tuning import LOG2E, autotune_configs, interpreting, prune, shared_memory_estimate, shared_memory_limit
 from .layout import BlockSparseLayout
 
 __all__ = ["triton_block_sparse_attention"]
@@ -25,12 +25,25 @@ _MAX_TILE = 128
 
 
 # Hopper: 64/128-row tiles are fed by 4 warps (one warpgroup) or 8; 2-4 stages hide K/V latency
-# within the 228 KB of shared memory; one stage keeps fp32 tiles with D > 128 within it. Configs
-# that do not fit are discarded by the autotuner.
+# within the 228 KB of shared memory; one stage keeps fp32 tiles with D > 128 within it. _prune drops,
+# per shape, the configs that would spill or not fit.
 _CONFIGS = autotune_configs(((4, 2), (4, 3), (4, 4), (8, 2), (8, 3), (8, 4), (8, 1)))
 
 
-@triton.autotune(configs=_CONFIGS, key=["D", "DV", "BLOCK_M", "SPLIT_M", "BLOCK_N", "HAS_PARTIAL"])
+def _prune(configs, named_args, **meta):
+    elem = named_args["Q"].element_size()
+    bm, bn, bd, bdv = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_D"], meta["BLOCK_DV"]
+    mask_tile = bm * bn if meta["HAS_PARTIAL"] else 0
+    shared = {c: shared_memory_estimate(c, bm, bn, bd * elem, (bd + bdv) * elem, mask_tile) for c in configs}
+    limit = shared_memory_limit(named_args["Q"].device)
+    return prune(configs, block_m=bm, block_d=max(bd, bdv), elem=elem, shared=shared, limit=limit)
+
+
+@triton.autotune(
+    configs=_CONFIGS,
+    key=["D", "DV", "BLOCK_M", "SPLIT_M", "BLOCK_N", "HAS_PARTIAL"],
+    prune_configs_by={"early_config_prune": _prune},
+)
 @triton.jit
 def _block_sparse_fwd_kernel(
     Q, K, V, O, LSE,
@@ -69,6 +82,8 @@ def _block_sparse_fwd_kernel(
 
     offs_i = tl.arange(0, BLOCK_M)
     offs_m = pid_m * BLOCK_M + offs_i
+    # Token index x row stride passes 2**31 on fused-QKV views of long videos: row offsets are int64.
+    rows_m = offs_m.to(tl.int64)
     offs_j = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -80,7 +95,7 @@ def _block_sparse_fwd_kernel(
         d_ok = offs_d < D
         dv_ok = offs_dv < DV
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    q_ptrs = Q + b * stride_qb + h * stride_qh + rows_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -98,9 +113,10 @@ def _block_sparse_fwd_kernel(
     for t in range(0, count):
         kb = tl.load(idx_base + t * stride_ik)
         offs_n = kb * BLOCK_N + offs_j
+        rows_n = offs_n.to(tl.int64)
         col_ok = offs_n < N_K
         kb_tile = tl.load(
-            k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+            k_base + rows_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
             mask=col_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
@@ -129,7 +145,7 @@ def _block_sparse_fwd_kernel(
         acc = acc * alpha[:, None]
 
         vb = tl.load(
-            v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+            v_base + rows_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
             mask=col_ok[:, None] & dv_ok[None, :],
             other=0.0,
         )
@@ -143,20 +159,23 @@ def _block_sparse_fwd_kernel(
     out = acc / l_safe[:, None]
     lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
 
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od
+    o_ptrs = O + b * stride_ob + h * stride_oh + rows_m[:, None] * stride_on + offs_dv[None, :] * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
-    tl.store(LSE + b * stride_lb + h * stride_lh + offs_m * stride_ln, lse, mask=row_ok)
+    tl.store(LSE + b * stride_lb + h * stride_lh + rows_m * stride_ln, lse, mask=row_ok)
 
 
 def _pick_block_m(block_q: int, block_k: int, block_d: int, block_dv: int, elem: int) -> int:
     """Rows per program: the layout's query block, halved while the tiles would not fit on chip.
 
     One stage of K and V tiles plus the Q tile must fit in ~160 KB of shared memory (Hopper has 228 KB),
-    and head dims above 128 keep at most 64 rows so the fp32 accumulator stays in registers.
+    and head dims above 128 keep at most 64 rows so the accumulator stays in registers; fp32 operands
+    (no tensor-core path at full precision) keep 32 (64 fp32 rows at head dim 128 spill on sm_90a).
     """
     bm = min(block_q, _MAX_TILE)
     if max(block_d, block_dv) > 128:
         bm = min(bm, 64)
+    if elem >= 4:
+        bm = min(bm, 32)
     while bm > 16 and elem * (bm * block_d + block_k * (block_d + block_dv)) > 160 * 1024:
         bm //= 2
     return bm

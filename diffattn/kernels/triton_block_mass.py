@@ -15,8 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tuning import LOG2E, autotune_configs, interpreting
-
+from ._tuning import LOG2E, autotune_configs, interpreting, prune, shared_memory_estimate, shared_memory_limit
 from .layout import cdiv
 
 __all__ = ["triton_block_mass"]
@@ -26,7 +25,15 @@ _MAX_TILE = 128
 _CONFIGS = autotune_configs(((4, 2), (4, 3), (8, 2), (8, 3), (8, 1)))
 
 
-@triton.autotune(configs=_CONFIGS, key=["D", "BLOCK_M", "BLOCK_N"])
+def _prune(configs, named_args, **meta):
+    elem = named_args["Q"].element_size()
+    bm, bn, bd = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_D"]
+    shared = {c: shared_memory_estimate(c, bm, bn, bd * elem, bd * elem) for c in configs}
+    limit = shared_memory_limit(named_args["Q"].device)
+    return prune(configs, block_m=bm, block_d=bd, elem=elem, shared=shared, limit=limit)
+
+
+@triton.autotune(configs=_CONFIGS, key=["D", "BLOCK_M", "BLOCK_N"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _block_mass_kernel(
     Q, K, LSE, OUT,
@@ -49,28 +56,30 @@ def _block_mass_kernel(
     h = (pid_bh % H).to(tl.int64)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Token index x row stride passes 2**31 on fused-QKV views of long videos: row offsets are int64.
+    rows_m = offs_m.to(tl.int64)
     offs_j = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     q = tl.load(
-        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+        Q + b * stride_qb + h * stride_qh + rows_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
         mask=(offs_m[:, None] < N_Q) & d_ok[None, :],
         other=0.0,
     )
     if UPCAST:
         q = q.to(tl.float32)
-    lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_m * stride_ln, mask=offs_m < N_Q, other=float("-inf"))
+    lse = tl.load(LSE + b * stride_lb + h * stride_lh + rows_m * stride_ln, mask=offs_m < N_Q, other=float("-inf"))
     # -inf rows (and the query tail) are dropped below; shift them by 0 so no inf - inf appears.
     row_ok = lse > float("-inf")
     lse2 = tl.where(row_ok, lse * 1.4426950408889634, 0.0)
 
     k_base = K + b * stride_kb + h * stride_kh
-    out_base = OUT + b * stride_ob + h * stride_oh + pid_m * stride_om
+    out_base = OUT + b * stride_ob + h * stride_oh + pid_m.to(tl.int64) * stride_om
     for j in range(0, M_K):
         offs_n = j * BLOCK_N + offs_j
         col_ok = offs_n < N_K
         kt = tl.load(
-            k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+            k_base + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd,
             mask=col_ok[:, None] & d_ok[None, :],
             other=0.0,
         )

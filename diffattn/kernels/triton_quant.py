@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tuning import LOG2E, autotune_configs, interpreting
+from ._tuning import LOG2E, autotune_configs, interpreting, prune, shared_memory_estimate, shared_memory_limit
 from .layout import BlockSparseLayout
 from .quant_reference import quantize_qk_for_kernel
 
@@ -32,7 +32,21 @@ _MAX_TILE = 128
 _CONFIGS = autotune_configs(((4, 2), (4, 3), (8, 2), (8, 3), (4, 1)))
 
 
-@triton.autotune(configs=_CONFIGS, key=["D", "DV", "BLOCK_M", "BLOCK_N", "HAS_PARTIAL", "P_LEVELS"])
+def _prune(configs, named_args, **meta):
+    elem = named_args["V"].element_size()
+    bm, bn, bd, bdv = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_D"], meta["BLOCK_DV"]
+    mask_tile = bm * bn if meta["HAS_PARTIAL"] else 0
+    # int8 Q and K tiles, V in its own dtype.
+    shared = {c: shared_memory_estimate(c, bm, bn, bd, bd + bdv * elem, mask_tile) for c in configs}
+    limit = shared_memory_limit(named_args["V"].device)
+    return prune(configs, block_m=bm, block_d=max(bd, bdv), elem=elem, shared=shared, limit=limit)
+
+
+@triton.autotune(
+    configs=_CONFIGS,
+    key=["D", "DV", "BLOCK_M", "BLOCK_N", "HAS_PARTIAL", "P_LEVELS"],
+    prune_configs_by={"early_config_prune": _prune},
+)
 @triton.jit
 def _quant_block_sparse_fwd_kernel(
     QI, KI, ROWF, KSC, V, O, LSE,
@@ -67,6 +81,8 @@ def _quant_block_sparse_fwd_kernel(
 
     offs_i = tl.arange(0, BLOCK_M)
     offs_m = pid_m * BLOCK_M + offs_i
+    # Token index x row stride passes 2**31 on fused-QKV views of long videos: row offsets are int64.
+    rows_m = offs_m.to(tl.int64)
     offs_j = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -75,11 +91,11 @@ def _quant_block_sparse_fwd_kernel(
     dv_ok = offs_dv < DV
 
     qi = tl.load(
-        QI + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+        QI + b * stride_qb + h * stride_qh + rows_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
         mask=row_ok[:, None] & d_ok[None, :],
         other=0,
     )
-    row_f = tl.load(ROWF + b * stride_rb + h * stride_rh + offs_m * stride_rn, mask=row_ok, other=0.0)
+    row_f = tl.load(ROWF + b * stride_rb + h * stride_rh + rows_m * stride_rn, mask=row_ok, other=0.0)
     k_base = KI + b * stride_kb + h * stride_kh
     ks_base = KSC + b * stride_sb + h * stride_sh
     v_base = V + b * stride_vb + h * stride_vh
@@ -95,13 +111,14 @@ def _quant_block_sparse_fwd_kernel(
     for t in range(0, count):
         kb = tl.load(idx_base + t * stride_ik)
         offs_n = kb * BLOCK_N + offs_j
+        rows_n = offs_n.to(tl.int64)
         col_ok = offs_n < N_K
         ki = tl.load(
-            k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+            k_base + rows_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
             mask=col_ok[:, None] & d_ok[None, :],
             other=0,
         )
-        k_sc = tl.load(ks_base + offs_n * stride_sn, mask=col_ok, other=0.0)
+        k_sc = tl.load(ks_base + rows_n * stride_sn, mask=col_ok, other=0.0)
         s_int = tl.dot(qi, tl.trans(ki), out_dtype=tl.int32)
         # Same multiplication order as the reference: the integer product is exact, so s matches bitwise.
         s = (s_int.to(tl.float32) * row_f[:, None]) * k_sc[None, :]
@@ -124,7 +141,7 @@ def _quant_block_sparse_fwd_kernel(
         acc = acc * alpha[:, None]
 
         vb = tl.load(
-            v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+            v_base + rows_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
             mask=col_ok[:, None] & dv_ok[None, :],
             other=0.0,
         )
@@ -146,9 +163,9 @@ def _quant_block_sparse_fwd_kernel(
     l_safe = tl.where(has, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od
+    o_ptrs = O + b * stride_ob + h * stride_oh + rows_m[:, None] * stride_on + offs_dv[None, :] * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
-    tl.store(LSE + b * stride_lb + h * stride_lh + offs_m * stride_ln, lse, mask=row_ok)
+    tl.store(LSE + b * stride_lb + h * stride_lh + rows_m * stride_ln, lse, mask=row_ok)
 
 
 def _launch(q, k, v, layout: BlockSparseLayout, scale: float, qk_bits: int, pv_bits: int | None):
