@@ -19,7 +19,8 @@ diffattn row also carries its largest output difference to FlexAttention's (``ma
     diffattn bench cpu --out benchmarks/results/
     diffattn bench cpu --lengths 8192 --densities 0.2 --heads 12 --head-dim 128 --batch 2 --out /tmp/cpu
 
-Rows go to ``<out>/<date>-cpu-<device>-cpu.jsonl`` (appended).
+Rows are appended to ``<out>/<date>-<device>-cpu.jsonl`` (the device named ``cpu-…``; ``<out>`` defaults to
+``benchmarks/results/``).
 """
 
 from __future__ import annotations

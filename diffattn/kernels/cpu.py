@@ -15,7 +15,7 @@ once why; :mod:`diffattn.kernels.api` then keeps its plain-PyTorch paths.
 >>> from diffattn.kernels import BlockSparseLayout
 >>> q = k = v = torch.randn(1, 2, 300, 64)
 >>> layout = BlockSparseLayout.dense(1, 1, 300, 300)
->>> o, lse = sparse_cpu_attention(q, k, v, layout)  # doctest: +SKIP
+>>> o, lse = sparse_cpu_attention(q, k, v, layout)  # doctest: +SKIP (the first call builds the kernel)
 """
 
 from __future__ import annotations
@@ -114,8 +114,7 @@ def sparse_cpu_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     qf, kf, vf = (t.float().contiguous() for t in (q, k, v))
     if layout.kv_mask_ids is None:
-        ids = masks = torch.empty(0, dtype=torch.int32)
-        masks = torch.empty(0, dtype=torch.bool)
+        ids, masks = torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.bool)
     else:
         ids, masks = layout.kv_mask_ids.contiguous(), layout.block_masks.contiguous()
     o, lse = module.forward(
