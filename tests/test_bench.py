@@ -164,4 +164,4 @@ def test_cpu_bench_rows_and_report(tmp_path):
     assert by[(1.0, "diffattn")]["paths"] == ["dense"] and by[(1.0, "diffattn")]["density"] == 1.0
     assert by[(0.3, "diffattn")]["paths"] == ["kernel"] and 0.2 < by[(0.3, "diffattn")]["density"] < 0.4
     table = "\n".join(report._cpu_table(report.load_rows(tmp_path)))
-    assert "diffattn bench cpu --out" in table and "| 700 | 1×2×64 | random | 0.27 |" in table
+    assert "`diffattn bench cpu --lengths 700 --densities 1 0.3 --layouts --no-flex --reps 1 --heads 2`" in table and "| 700 | 1×2×64 | random | 0.27 |" in table

@@ -161,8 +161,9 @@ def _cpu_table(rows: list[dict[str, Any]]) -> list[str]:
         groups[key][r["provider"]] = r
     first = c[0]
     loads = [x for r in c for x in r.get("loadavg_1m", [])]
+    commands = " and ".join(f"`{cmd}`" for cmd in dict.fromkeys(r.get("command", "diffattn bench cpu") for r in c))
     out = [
-        f"**Block-sparse attention on a CPU** (`diffattn bench cpu --out benchmarks/results/`; "
+        f"**Block-sparse attention on a CPU** ({commands}; "
         f"{first['device']}, {first.get('host_cpus')} cores, torch {first['torch']}, fp32, commit "
         f"`{first['commit']}`; the machine was shared: 1-minute load average {min(loads):.1f}–{max(loads):.1f}, "
         "so absolute times are inflated and only the side-by-side ratios count). Each row times the same "
