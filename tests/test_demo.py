@@ -188,7 +188,7 @@ def test_video_pipeline_limits_follow_vae_and_patch():
         (40, 64, 64, 10, "frames=40"),
         (9, 64, 64, 0, "steps=0"),
         (9, 64, 64, 2.5, "steps=2.5 must be a whole number"),
-        (9, 128, 128, 10, "9216 video tokens.*limit of 8192"),
+        (17, 128, 128, 10, "17408 video tokens.*limit of 16384"),
     ],
     ids=["height-multiple", "width-max", "height-min", "no-frames", "too-many-frames", "no-steps",
          "fractional-steps", "too-many-tokens"],
