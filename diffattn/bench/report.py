@@ -161,6 +161,8 @@ def _cpu_table(rows: list[dict[str, Any]]) -> list[str]:
         groups[key][r["provider"]] = r
     first = c[0]
     loads = [x for r in c for x in r.get("loadavg_1m", [])]
+    reps = sorted({r.get("reps") for r in c if r.get("reps")})
+    rounds = f"{reps[0]}" if len(reps) == 1 else f"{reps[0]}-{reps[-1]}"
     commands = " and ".join(f"`{cmd}`" for cmd in dict.fromkeys(r.get("command", "diffattn bench cpu") for r in c))
     out = [
         f"**Block-sparse attention on a CPU** ({commands}; "
@@ -168,7 +170,7 @@ def _cpu_table(rows: list[dict[str, Any]]) -> list[str]:
         f"`{first['commit']}`; the machine was shared: 1-minute load average {min(loads):.1f}–{max(loads):.1f}, "
         "so absolute times are inflated and only the side-by-side ratios count). Each row times the same "
         "attention with dense SDPA, compiled FlexAttention and diffattn, interleaved, the minimum of "
-        f"{first.get('reps')} rounds; one-off costs (Flex's compile, the kernel's build) are not in the times. "
+        f"{rounds} rounds; one-off costs (Flex's compile, the kernel's build) are not in the times. "
         "Random layouts keep `round(d·M)` random key blocks of 64 per query block; method layouts are each "
         "method's calls at a late step on synthetic DiT-like inputs.",
         "",
