@@ -150,6 +150,7 @@ def _run_demo(args, parser) -> int:
 # ---------------------------------------------------------------------------------------------- bench
 _BENCHES = {
     "kernel": "block-sparse kernel vs SDPA flash / FlexAttention / xformers (JSON rows)",
+    "cpu": "CPU: dense SDPA vs compiled FlexAttention vs diffattn, random and method layouts (JSON rows)",
     "e2e": "real-size denoisers (random weights) over full schedules, every method",
     "quality": "error and recall vs density on synthetic DiT-like attention",
     "unet": "SD 1.5-shaped UNet: dense vs agent attention vs ToMe",

@@ -162,3 +162,19 @@ def test_tiny_bench_rows(tmp_path):
     assert math.isfinite(radial["psnr"]) and not radial["identical"]
     # GNA's default window covers the whole 5x8x8 grid: dense up to float rounding
     assert gna["identical"] or gna["psnr"] > 100.0
+
+
+def test_cpu_bench_rows_and_report(tmp_path):
+    """`bench cpu` times SDPA, compiled Flex and diffattn on the same layouts; the report renders them."""
+    assert cli.main(["bench", "cpu", "--lengths", "700", "--densities", "1", "0.3", "--layouts", "--no-flex",
+                     "--reps", "1", "--heads", "2", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*-cpu.jsonl")
+    rows = _rows(path)
+    by = {(r["density_target"], r["provider"]): r for r in rows}
+    assert set(by) == {(d, p) for d in (1.0, 0.3) for p in ("sdpa", "diffattn")}
+    for r in rows:
+        assert ENV_KEYS <= set(r) and r["bench"] == "cpu" and r["ms"] > 0 and r["N"] == 700 and r["H"] == 2
+    assert by[(1.0, "diffattn")]["paths"] == ["dense"] and by[(1.0, "diffattn")]["density"] == 1.0
+    assert by[(0.3, "diffattn")]["paths"] == ["kernel"] and 0.2 < by[(0.3, "diffattn")]["density"] < 0.4
+    table = "\n".join(report._cpu_table(report.load_rows(tmp_path)))
+    assert "`diffattn bench cpu --lengths 700 --densities 1 0.3 --layouts --no-flex --reps 1 --heads 2`" in table and "| 700 | 1×2×64 | random | 0.27 |" in table

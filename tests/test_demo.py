@@ -153,6 +153,16 @@ def test_tiny_limits_follow_the_patch_size(pipe):
     assert lim.tokens(9, 64, 64) == 9 * 16 * 16
 
 
+def test_tiny_presets_fit_the_tiny_limits(pipe):
+    lim = D.limits_for(pipe)
+    for name, p in D.TINY_PRESETS.items():
+        assert p["method"] in D.demo_methods(), name
+        assert lim.check(p["frames"], p["height"], p["width"], p["steps"]) == (
+            p["frames"], p["height"], p["width"], p["steps"])
+    cpu = D.TINY_PRESETS["CPU speed-up"]
+    assert lim.tokens(cpu["frames"], cpu["height"], cpu["width"]) == lim.max_tokens  # attention-bound
+
+
 def test_video_pipeline_limits_follow_vae_and_patch():
     fake = types.SimpleNamespace(
         transformer=types.SimpleNamespace(config=types.SimpleNamespace(patch_size=(1, 2, 2))),
@@ -178,7 +188,7 @@ def test_video_pipeline_limits_follow_vae_and_patch():
         (40, 64, 64, 10, "frames=40"),
         (9, 64, 64, 0, "steps=0"),
         (9, 64, 64, 2.5, "steps=2.5 must be a whole number"),
-        (9, 128, 128, 10, "9216 video tokens.*limit of 8192"),
+        (17, 128, 128, 10, "17408 video tokens.*limit of 16384"),
     ],
     ids=["height-multiple", "width-max", "height-min", "no-frames", "too-many-frames", "no-steps",
          "fractional-steps", "too-many-tokens"],

@@ -26,20 +26,26 @@ from diffattn.kernels.api import can_run
 from tests.tolerances import assert_close
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-# "torch-gathered" is the torch backend with its masked-CPU shortcut turned off (see _torch_paths), so both
-# of its code paths are checked against the reference.
-CPU_BACKENDS = ["torch", "torch-gathered", "triton", "flex"]
+# "torch" lets the torch backend choose its path (dense / masked / kernel by size and density);
+# "torch-kernel" and "torch-gathered" force the C++ kernel and the plain-PyTorch gather (see _torch_paths),
+# so every CPU path is checked against the reference.
+FORCED_PATHS = {"torch-kernel": "kernel", "torch-gathered": "gathered"}
+CPU_BACKENDS = ["torch", *FORCED_PATHS, "triton", "flex"]
 
 
 def _b(backend):
-    return "torch" if backend == "torch-gathered" else backend
+    return "torch" if backend in FORCED_PATHS else backend
 
 
 @pytest.fixture(autouse=True)
 def _torch_paths(request, monkeypatch):
     callspec = getattr(request.node, "callspec", None)
-    if callspec is not None and "torch-gathered" in (callspec.params.get("backend"), callspec.params.get("path")):
-        monkeypatch.setattr(kernel_api, "CPU_MASKED_MAX_ELEMENTS", 0)
+    if callspec is None:
+        return
+    for key in ("backend", "path"):
+        if callspec.params.get(key) in FORCED_PATHS:
+            forced = FORCED_PATHS[callspec.params[key]]
+            monkeypatch.setattr(kernel_api, "cpu_path", lambda *a: forced)
 
 
 def _qkv(b, h, nq, nk, d, dtype, device="cpu", dv=None):
@@ -130,7 +136,7 @@ FULL_GRID = [
     FULL_GRID,
     ids=[_case_id(2, 3, n[0], n[1], d, dt, den, 64, 64) for n, d, dt, den in FULL_GRID],
 )
-@pytest.mark.parametrize("path", ["torch", "torch-gathered"])
+@pytest.mark.parametrize("path", ["torch", *FORCED_PATHS])
 def test_torch_backend_full_grid(lengths, d, dt, density, path):
     nq, nk = lengths
     dtype = DTYPES[dt]
@@ -140,21 +146,56 @@ def test_torch_backend_full_grid(lengths, d, dt, density, path):
     _check(o, lse, *_ref(q, k, v, layout), dtype)
 
 
-def test_torch_backend_picks_its_path_by_mask_size(monkeypatch):
-    """Small problems take the masked CPU shortcut, large ones (or a threshold of 0) gather blocks."""
+def test_torch_backend_picks_its_path_by_size_and_density(monkeypatch):
+    """Full layouts run dense SDPA; small dense-ish problems the masked shortcut; the rest the C++ kernel;
+    without the kernel, large problems gather. Each choice is checked against the reference."""
+    from diffattn.kernels import cpu as cpu_module
+
     calls = []
-    real_masked, real_gathered = kernel_api.masked_cpu_attention, kernel_api.gathered_block_attention
-    monkeypatch.setattr(kernel_api, "masked_cpu_attention", lambda *a: calls.append("masked") or real_masked(*a))
-    monkeypatch.setattr(kernel_api, "gathered_block_attention", lambda *a: calls.append("gathered") or real_gathered(*a))
+    real = kernel_api.cpu_path
+    monkeypatch.setattr(kernel_api, "cpu_path", lambda *a: calls.append(real(*a)) or calls[-1])
+
+    def run(q, k, v, layout):
+        o, lse = block_sparse_attention(q, k, v, layout, backend="torch")
+        _check(o, lse, *_ref(q, k, v, layout), q.dtype)
+
     q, k, v = _qkv(2, 3, 300, 250, 64, torch.float32)
-    layout = _random_layout(1, 3, 300, 250, 64, 64, 0.5)
-    block_sparse_attention(q, k, v, layout, backend="torch")
-    monkeypatch.setattr(kernel_api, "CPU_MASKED_MAX_ELEMENTS", 3 * 300 * 250 - 1)
-    block_sparse_attention(q, k, v, layout, backend="torch")
-    # different q / v head dims cannot use the fused CPU kernel
+    sparse = _random_layout(1, 3, 300, 250, 64, 64, 0.3)
+    dense_ish = BlockSparseLayout.from_block_mask(torch.ones(1, 3, 5, 4, dtype=torch.bool).tril(1), 64, 64)
+    run(q, k, v, BlockSparseLayout.dense(1, 1, 300, 250))
+    run(q, k, v, dense_ish)  # density 0.7 > CPU_KERNEL_MAX_DENSITY_SMALL
+    run(q, k, v, sparse)
+    run(q, k, torch.randn(2, 3, 250, 32), BlockSparseLayout.dense(1, 1, 300, 250))  # Dv != D: no fused kernel
+    monkeypatch.setattr(kernel_api, "CPU_MASKED_MAX_ELEMENTS", 3 * 300 * 250 - 1)  # now "large"
+    run(q, k, v, dense_ish)
+    monkeypatch.setattr(kernel_api, "cpu_kernel", lambda: None)  # no compiler
+    run(q, k, v, dense_ish)
     monkeypatch.setattr(kernel_api, "CPU_MASKED_MAX_ELEMENTS", 1 << 25)
-    block_sparse_attention(q, k, torch.randn(2, 3, 250, 32), layout, backend="torch")
-    assert calls == ["masked", "gathered", "gathered"]
+    run(q, k, v, sparse)
+    assert calls == ["dense", "masked", "kernel", "kernel", "kernel", "gathered", "masked"]
+    assert cpu_module.cpu_kernel() is not None, "the C++ CPU kernel did not build here; see the log"
+
+
+def test_cpu_kernel_build_failure_is_logged_once_and_falls_back(monkeypatch, caplog):
+    import torch.utils.cpp_extension
+
+    from diffattn.kernels import cpu as cpu_module
+
+    def broken_load(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpu_module, "_state", {})
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", broken_load)
+    q, k, v = _qkv(1, 2, 200, 200, 32, torch.float32)
+    layout = _random_layout(1, 1, 200, 200, 64, 64, 0.3)
+    monkeypatch.setattr(kernel_api, "CPU_MASKED_MAX_ELEMENTS", 0)
+    with caplog.at_level("WARNING", logger="diffattn"):
+        for _ in range(2):
+            o, lse = block_sparse_attention(q, k, v, layout, backend="torch")
+            _check(o, lse, *_ref(q, k, v, layout), torch.float32)
+    warnings = [r for r in caplog.records if "could not be built" in r.getMessage()]
+    assert len(warnings) == 1 and "Ninja is required" in warnings[0].getMessage()
+    assert kernel_api.cpu_path(q, k, v, layout) == "gathered"
 
 
 # ---------------------------------------------------------------- full density = SDPA / logsumexp

@@ -150,6 +150,48 @@ def _kernel_table(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _cpu_table(rows: list[dict[str, Any]]) -> list[str]:
+    """``diffattn bench cpu`` rows: one line per (shape, layout, density) with the three providers side by side."""
+    c = [r for r in rows if r["bench"] == "cpu" and r.get("ms") is not None]
+    if not c:
+        return []
+    groups: dict[tuple, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for r in c:
+        key = (r["N"], r["B"], r["H"], r["D"], r["layout"], r.get("density_target", -1.0))
+        groups[key][r["provider"]] = r
+    first = c[0]
+    loads = [x for r in c for x in r.get("loadavg_1m", [])]
+    reps = sorted({r.get("reps") for r in c if r.get("reps")})
+    rounds = f"{reps[0]}" if len(reps) == 1 else f"{reps[0]}-{reps[-1]}"
+    commands = " and ".join(f"`{cmd}`" for cmd in dict.fromkeys(r.get("command", "diffattn bench cpu") for r in c))
+    out = [
+        f"**Block-sparse attention on a CPU** ({commands}; "
+        f"{first['device']}, {first.get('host_cpus')} cores, torch {first['torch']}, fp32, commit "
+        f"`{first['commit']}`; the machine was shared: 1-minute load average {min(loads):.1f}–{max(loads):.1f}, "
+        "so absolute times are inflated and only the side-by-side ratios count). Each row times the same "
+        "attention with dense SDPA, compiled FlexAttention and diffattn, interleaved, the minimum of "
+        f"{rounds} rounds; one-off costs (Flex's compile, the kernel's build) are not in the times. "
+        "Random layouts keep `round(d·M)` random key blocks of 64 per query block; method layouts are each "
+        "method's calls at a late step on synthetic DiT-like inputs.",
+        "",
+        "| N | B×H×D | layout | density | SDPA ms | Flex ms | diffattn ms | diffattn vs SDPA | diffattn vs Flex | path |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3], k[4] != "random", k[4], -k[5])):
+        g = groups[key]
+        ours, sdpa, flex = g.get("diffattn"), g.get("sdpa"), g.get("flex-compiled")
+        if ours is None or sdpa is None:
+            continue
+        n, b, h, d, layout, _ = key
+        flex_ms = "-" if flex is None else f"{flex['ms']:.1f}"
+        vs_flex = "-" if flex is None else f"{flex['ms'] / ours['ms']:.2f}×"
+        out.append(
+            f"| {n:,} | {b}×{h}×{d} | {layout} | {ours['density']:.2f} | {sdpa['ms']:.1f} | {flex_ms} | "
+            f"{ours['ms']:.1f} | {sdpa['ms'] / ours['ms']:.2f}× | {vs_flex} | {', '.join(ours.get('paths', []))} |"
+        )
+    return out
+
+
 def _e2e_table(rows: list[dict[str, Any]]) -> list[str]:
     e = [r for r in rows if r["bench"] == "e2e" and _is_gpu(r)]
     if not e:
@@ -180,8 +222,9 @@ def _unet_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def render_markdown(rows: list[dict[str, Any]]) -> str:
-    parts = [_tiny_table(rows), _quality_table(rows), _kernel_table(rows), _e2e_table(rows), _unet_table(rows)]
-    body = "\n\n".join("\n".join(p) for p in parts)
+    parts = [_tiny_table(rows), _quality_table(rows), _kernel_table(rows), _cpu_table(rows), _e2e_table(rows),
+             _unet_table(rows)]
+    body = "\n\n".join("\n".join(p) for p in parts if p)
     return f"{START}\n{body}\n\nRegenerate with `diffattn bench report` (from the JSON rows in `benchmarks/results/`).\n{END}"
 
 

@@ -3,9 +3,16 @@
 Backends (parameters that change *speed*, never *what* is computed):
 
 * ``"triton"`` — our block-sparse flash kernel (CUDA; on CPU only under ``TRITON_INTERPRET=1``).
-* ``"torch"``  — gathers listed key blocks per query block in plain PyTorch (the CPU path); on CPU,
-  problems whose token mask has at most :data:`CPU_MASKED_MAX_ELEMENTS` entries instead run PyTorch's
-  fused CPU attention under the exact token mask (same result, several times faster there).
+* ``"torch"``  — the CPU path; it picks per problem (same result on every path, see :func:`cpu_path`):
+
+  - ``"dense"``: a layout listing every block with no partial ones runs PyTorch's fused CPU attention;
+  - ``"masked"``: problems whose token mask has at most :data:`CPU_MASKED_MAX_ELEMENTS` entries and
+    whose density is above :data:`CPU_KERNEL_MAX_DENSITY_SMALL` run the fused CPU attention under the
+    exact token mask (every score computed, but no per-block overhead);
+  - ``"kernel"``: everything else runs the C++ block-sparse kernel of :mod:`diffattn.kernels.cpu`
+    (time proportional to the listed blocks);
+  - ``"gathered"``: without a C++ compiler (logged once) the plain-PyTorch gather of listed key
+    blocks, or ``"masked"`` where the mask is small. On CUDA ``"torch"`` always gathers.
 * ``"flex"``   — PyTorch FlexAttention with ``BlockMask.from_kv_blocks``, compiled on CUDA: an
   alternative and the baseline to beat. On CPU it runs eagerly (exact, but ``Nq x Nk`` memory).
 * ``"auto"``   — ``triton`` on CUDA when available, else ``torch``; the choice and its reason are
@@ -16,11 +23,13 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import weakref
 
 import torch
 
 from ._tuning import interpreting
 from .layout import BlockSparseLayout
+from .cpu import cpu_kernel, sparse_cpu_attention
 from .reference import gathered_block_attention, masked_cpu_attention
 
 __all__ = ["block_sparse_attention", "block_mass", "available_backends", "resolve_backend", "BACKENDS"]
@@ -33,6 +42,10 @@ _logged: set[str] = set()
 # The "torch" backend on CPU computes densely under the token mask while the mask (``LB*LH*Nq*Nk``
 # entries of the layout's broadcast shape) stays this small; 0 always gathers blocks.
 CPU_MASKED_MAX_ELEMENTS = 1 << 25
+# Below this density the C++ kernel beats the masked dense shortcut even on small problems: its time is
+# about 1.3-1.5x density times dense attention's (measured on a 2-core x86 machine, N 1,024-32,760).
+CPU_KERNEL_MAX_DENSITY_SMALL = 0.6
+CPU_PATHS = ("dense", "masked", "kernel", "gathered")
 _HAS_CPU_FLASH = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
@@ -178,20 +191,47 @@ def block_sparse_attention(
         from .flex import flex_block_sparse_attention
 
         o, lse = flex_block_sparse_attention(q, k, v, layout, scale)
-    elif _use_masked_cpu(q, k, v, layout):
-        o, lse = masked_cpu_attention(q, k, v, layout, scale)
     else:
-        o, lse = gathered_block_attention(q, k, v, layout, scale)
+        path = cpu_path(q, k, v, layout)
+        if path == "dense":
+            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)
+            lse = lse.float()
+        elif path == "masked":
+            o, lse = masked_cpu_attention(q, k, v, layout, scale)
+        elif path == "kernel":
+            o, lse = sparse_cpu_attention(q, k, v, layout, scale)
+        else:
+            o, lse = gathered_block_attention(q, k, v, layout, scale)
     return (o, lse) if return_lse else o
 
 
-def _use_masked_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockSparseLayout) -> bool:
-    if q.device.type != "cpu" or not _HAS_CPU_FLASH:
-        return False
-    if not (q.dtype == k.dtype == v.dtype) or v.shape[-1] != q.shape[-1]:
-        return False
+# Per-layout facts the path choice needs (one host read when a layout is first used, then cached).
+_layout_facts: "weakref.WeakKeyDictionary[BlockSparseLayout, tuple[float, bool]]" = weakref.WeakKeyDictionary()
+
+
+def _density_and_full(layout: BlockSparseLayout) -> tuple[float, bool]:
+    if layout not in _layout_facts:
+        density = layout.density
+        full = layout.kv_mask_ids is None and bool((layout.kv_counts == layout.num_kv_blocks).all())
+        _layout_facts[layout] = (density, full)
+    return _layout_facts[layout]
+
+
+def cpu_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockSparseLayout) -> str:
+    """Which of :data:`CPU_PATHS` the ``"torch"`` backend runs for these inputs (see the module doc)."""
+    if q.device.type != "cpu":
+        return "gathered"
+    fused = _HAS_CPU_FLASH and q.dtype == k.dtype == v.dtype and v.shape[-1] == q.shape[-1]
+    density, full = _density_and_full(layout)
+    if fused and full:
+        return "dense"
     lb, lh = layout.kv_counts.shape[:2]
-    return lb * lh * q.shape[-2] * k.shape[-2] <= CPU_MASKED_MAX_ELEMENTS
+    small = fused and lb * lh * q.shape[-2] * k.shape[-2] <= CPU_MASKED_MAX_ELEMENTS
+    if small and density > CPU_KERNEL_MAX_DENSITY_SMALL:
+        return "masked"
+    if cpu_kernel() is not None:
+        return "kernel"
+    return "masked" if small else "gathered"
 
 
 def block_mass(

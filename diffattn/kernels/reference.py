@@ -3,7 +3,8 @@
 * :func:`dense_masked_attention` materialises the full ``Nq x Nk`` score matrix in fp32 — the
   independent reference used by tests (small shapes only).
 * :func:`gathered_block_attention` gathers only the listed key blocks, one chunk of query blocks at a
-  time, so memory stays bounded for long sequences — the ``"torch"`` backend.
+  time, so memory stays bounded for long sequences — the ``"torch"`` backend on CUDA, and on CPU where
+  the C++ kernel of :mod:`diffattn.kernels.cpu` cannot be built.
 * :func:`masked_cpu_attention` runs PyTorch's fused CPU attention under the layout's token mask — the
   ``"torch"`` backend's shortcut for problems small enough to hold the whole mask.
 * :func:`merge_attention` combines two partial attentions exactly through their LSEs.
