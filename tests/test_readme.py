@@ -56,6 +56,16 @@ COMMANDS = {
     "diffattn bench e2e": "tests/test_bench.py::test_e2e_bench_rows",
     "diffattn bench unet": "tests/test_bench.py::test_bench_all_plans_what_this_machine_can_run",
     "diffattn bench report": "tests/test_bench.py::test_readme_results_match_committed_json",
+    "diffattn bench cpu": "tests/test_bench.py::test_cpu_bench_rows_and_report",
+    "diffattn bench cpu --lengths 8192 --densities --heads 2": "tests/test_bench.py::test_cpu_bench_rows_and_report",
+    "diffattn bench cpu --lengths 8192 --densities 1 0.2 --layouts --heads 4 --head-dim 128 --batch 2 --reps 2":
+        "tests/test_bench.py::test_cpu_bench_rows_and_report",
+    "diffattn bench cpu --lengths 8192 32760 --layouts": "tests/test_bench.py::test_cpu_bench_rows_and_report",
+    "diffattn bench gpu --out DIR": "tests/test_bench_gpu.py::test_bench_gpu_smoke_runs_every_phase",
+    "python -m diffattn.kernels.aot":
+        "tests/test_compile_gate.py::test_every_kernel_config_compiles_for_sm90a_and_sm80_without_spills",
+    "diffattn generate --method gna --compare dense --frames 32 --height 64 --width 128 --steps 10 --out out/":
+        SMALLER,
     # names of commands in headings and prose, not invocations
     "diffattn generate": "name",
     "diffattn draw": "name",
@@ -125,7 +135,9 @@ def test_readme_command_runs(command, tmp_path):
 def test_readme_generate_command_runs_smaller(command, tmp_path):
     _run_here(command, tmp_path, ["--prompt", "a red circle moving left on a blue background", "--frames", "2",
                                   "--height", "32", "--width", "32", "--steps", "2", "--no-progress"])
-    rows = (tmp_path / "outputs" / "report.jsonl").read_text().splitlines()
+    argv = shlex.split(command)
+    out_dir = argv[argv.index("--out") + 1]
+    rows = (tmp_path / out_dir / "report.jsonl").read_text().splitlines()
     assert len(rows) == 1 and '"status": "ok"' in rows[0] and '"speedup"' in rows[0]
 
 
