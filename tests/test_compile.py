@@ -54,7 +54,12 @@ def _schedule(model, kw, steps=STEPS, branches=("cond", "uncond"), no_recompile=
         for name in branches:
             strict = no_recompile and bool(outs)
             with torch._dynamo.config.patch(error_on_recompile=strict):
-                with model.cache_context(name, step_index=i, num_inference_steps=steps):
+                # UNets publish no cache context: their steps come from the timestep.
+                context = (
+                    model.cache_context(name, step_index=i, num_inference_steps=steps)
+                    if hasattr(model, "cache_context") else contextlib.nullcontext()
+                )
+                with context:
                     outs.append(T.run(model, {**kw, "timestep": t}))
     return outs
 
@@ -185,3 +190,52 @@ def test_apply_to_a_pipeline_with_a_compiled_transformer():
     rows = diffattn.stats(pipe).rows
     assert _events(rows) == _events(diffattn.stats(eager_pipe).rows)
     assert sum(bool(r.get("search")) for r in rows) > 0 and any(r["density"] < 1.0 for r in rows)
+
+
+@pytest.mark.parametrize("method,fields", [("tome", {}), ("agent", dict(agent_steps=2))])
+def test_fullgraph_compile_matches_eager_on_a_unet(method, fields):
+    """ToMe and AgentSD match tokens on the block input (kept by a block pre-hook, traced with the
+    forward); AgentSD switches phase at step 2 of 3."""
+    kw = T.inputs("unet", (1, 16, 16), batch=2)
+    eager = T.build("unet")
+    diffattn.apply(eager, method, min_tokens=0, **fields)
+    ref = _schedule(eager, kw, steps=3, branches=("cond",))
+    model = T.build("unet")
+    diffattn.apply(model, method, min_tokens=0, **fields)
+    graphs = _Graphs()
+    compiled = torch.compile(model, fullgraph=True, backend=graphs)
+    with _fresh_dynamo():
+        outs = _schedule(compiled, kw, steps=3, branches=("cond",), no_recompile=True)
+    assert len(graphs.graphs) == 2 and graphs.ops("attend") == 4
+    for got, want in zip(outs, ref):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    rows = diffattn.stats(model).rows
+    assert [(r["step"], r.get("phase"), r["density"]) for r in rows] == [
+        (r["step"], r.get("phase"), r["density"]) for r in diffattn.stats(eager).rows
+    ]
+    assert any(r["density"] < 1.0 for r in rows)
+    if method == "agent":
+        assert {r["phase"] for r in rows if r["step"] == 2} != {"agent"}, "the phase switch must happen"
+
+
+def test_set_attn_processor_route_runs_compiled():
+    """A shared processor set with set_attn_processor on a model compiled before its first forward: the
+    model is adopted before the compiled frame starts, so the first forward already runs the method."""
+    kw = T.inputs("wan", GRID, batch=1)
+    fields = METHODS["adaspa"]
+    eager = T.build("wan")
+    diffattn.apply(eager, "adaspa", min_tokens=0, **fields)
+    ref = _schedule(eager, kw, steps=3, branches=("cond",))
+    model = T.build("wan")
+    model.set_attn_processor(diffattn.SparseAttnProcessor(diffattn.make_config("adaspa", **fields), min_tokens=0))
+    graphs = _Graphs()
+    compiled = torch.compile(model, fullgraph=True, backend=graphs)
+    with _fresh_dynamo():
+        outs = _schedule(compiled, kw, steps=3, branches=("cond",), no_recompile=True)
+    assert graphs.ops("attend") == 2
+    for got, want in zip(outs, ref):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    rows = diffattn.stats(compiled).rows
+    assert _events(rows) == _events(diffattn.stats(eager).rows)
+    assert any(r["density"] < 1.0 for r in rows) and any(r.get("search") for r in rows)
+    diffattn.remove(compiled)

@@ -175,6 +175,7 @@ def adopt(
     for index, (name, module) in enumerate(targets):
         module._diffattn_layer = (name, index)
         state.layers.append(module)
+    for _, module in _attention_modules(model):
         if isinstance(module.processor, SparseAttnProcessor):
             # A shared processor's per-module inner processor is made here, on the host, so that a
             # compiled first forward does not have to trace its construction.
@@ -240,10 +241,16 @@ def _stop_waiting() -> None:
         _global_hook = None
 
 
+@torch._dynamo.disable
 def _global_pre_hook(module: torch.nn.Module, args: tuple):
     if not len(_waiting):  # every waiting processor was garbage-collected
         _stop_waiting()
         return None
+    # ``torch.compile(model)`` is called before the model: adopting it here, eagerly, lets the model's
+    # own pre-hook (traced with the forward) see this first call, so it needs no probes.
+    compiled = isinstance(module, torch._dynamo.eval_frame.OptimizedModule)
+    if compiled:
+        module = module._orig_mod
     spec = spec_for(module)
     if spec is None:
         return None
@@ -252,7 +259,8 @@ def _global_pre_hook(module: torch.nn.Module, args: tuple):
         return None
     if "_diffattn_state" not in module.__dict__:
         state = adopt(module, spec)
-        _install_first_call_probes(module, state)
+        if not compiled:
+            _install_first_call_probes(module, state)
         log_once(
             f"adopt-{spec.name}",
             f"diffattn: found SparseAttnProcessor in a {type(module).__name__}; tracking its steps and grid",
