@@ -239,3 +239,25 @@ def test_set_attn_processor_route_runs_compiled():
     assert _events(rows) == _events(diffattn.stats(eager).rows)
     assert any(r["density"] < 1.0 for r in rows) and any(r.get("search") for r in rows)
     diffattn.remove(compiled)
+
+
+def test_module_compile_after_apply():
+    """``model.compile()`` traces the module's hooks with its forward; the schedule still advances at
+    run time (PARO calibrates, reuses its orders, calibrates again)."""
+    kw = T.inputs("wan", GRID, batch=1)
+    fields = METHODS["paro"]
+    eager = T.build("wan")
+    diffattn.apply(eager, "paro", min_tokens=0, **fields)
+    ref = _schedule(eager, kw, branches=("cond",))
+    model = T.build("wan")
+    diffattn.apply(model, "paro", min_tokens=0, **fields)
+    graphs = _Graphs()
+    model.compile(fullgraph=True, backend=graphs)
+    with _fresh_dynamo():
+        outs = _schedule(model, kw, branches=("cond",), no_recompile=True)
+    assert graphs.ops("attend") == 2 and graphs.ops("begin_forward") == 1
+    for got, want in zip(outs, ref):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    rows = diffattn.stats(model).rows
+    assert _events(rows) == _events(diffattn.stats(eager).rows)
+    assert any(r.get("search") for r in rows) and any(r.get("cache_hit") for r in rows)

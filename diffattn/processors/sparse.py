@@ -1,10 +1,19 @@
 """``SparseAttnProcessor``: replace only the core attention of a Diffusers attention module.
 
 The processor wraps the module's own processor, so projections, qk-norm and RoPE stay the model's.
-While the wrapped processor runs, a ``TorchFunctionMode`` catches its call to
-``F.scaled_dot_product_attention`` — made directly (CogVideoX, UNets) or through diffusers'
-``dispatch_attention_fn`` (Wan, HunyuanVideo, LTX, Flux; forced to the native backend for the
-duration of the call) — and hands ``q, k, v`` with an :class:`AttnContext` to the method.
+It runs a copy of the wrapped processor's ``__call__`` whose globals route its attention call —
+diffusers' ``dispatch_attention_fn`` (Wan, HunyuanVideo, LTX, Flux) or
+``F.scaled_dot_product_attention`` (CogVideoX, UNets) — to diffattn, which hands ``q, k, v`` with an
+:class:`AttnContext` to the method. Calls diffattn does not take go to the function the processor
+called, with the backend it asked for. A wrapped processor that reaches SDPA some other way runs
+eagerly under a ``TorchFunctionMode`` that catches the SDPA call.
+
+``torch.compile``: Dynamo traces the processor and the routed call, which only look at shapes and
+flags; the method runs behind the opaque operator ``diffattn::attend`` (see :mod:`.ops`) with the
+model state's handle and the layer index as static ints, and the denoiser's traced pre-hook calls
+``diffattn::begin_forward``, which advances the schedule at run time. Nothing step-dependent is
+read while tracing, so it never becomes a guard: one graph serves every step, search and
+calibration. Eager calls run the same function without the operator.
 
 Two ways in, one mechanism:
 
