@@ -37,6 +37,7 @@ from __future__ import annotations
 import inspect
 import logging
 import sys
+import threading
 import types
 import weakref
 from contextlib import nullcontext
@@ -320,7 +321,9 @@ def _install_first_call_probes(model: torch.nn.Module, state: ModelState) -> Non
 # intercept every tensor method and break the graph). The hooks find the layer's handler in
 # ``_current``, which the processor sets for the duration of the wrapped call. A processor whose
 # ``__call__`` reaches SDPA some other way runs eagerly under ``_SDPAIntercept`` instead.
-class _Current:
+class _Current(threading.local):
+    """Per thread, as two pipelines may run in two threads."""
+
     handler: "_Handler | None" = None
 
 
