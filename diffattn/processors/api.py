@@ -163,6 +163,7 @@ def _remove_model(model: torch.nn.Module) -> None:
                     module = modules[key[: -len(".processor")]]
                     proc = proc._inner_for(module, state) if proc.inner is None else proc.inner
                     module.__dict__.pop("_diffattn_inner", None)
+                    module.__dict__.pop("_diffattn_prepared", None)
                 restored[key] = proc
             model.set_attn_processor(restored)
     release(model)

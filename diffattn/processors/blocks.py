@@ -2,8 +2,8 @@
 
 tomesd and AgentSD compare tokens by the ``hidden_states`` a UNet transformer block receives (before
 ``norm1``), which the attention call never sees. A forward pre-hook on each
-``BasicTransformerBlock`` whose ``attn1`` diffattn replaces keeps that tensor on the ``attn1`` module
-until the block returns; the processor hands it to the method as ``ctx.block_input``. The hooks are
+``BasicTransformerBlock`` whose ``attn1`` diffattn replaces keeps that tensor in a slot on the ``attn1``
+module until the block returns; the processor hands it to the method as ``ctx.block_input``. The hooks are
 small objects that hold their module, so ``copy.deepcopy`` of the model carries working hooks.
 """
 
@@ -18,6 +18,14 @@ __all__ = ["watch_block_inputs", "unwatch_block_inputs", "block_input_of"]
 _ATTR = "_diffattn_block_input"
 
 
+class _Slot:
+    """Holds the running block's input. One per watched ``attn1``, set once on the host: the hooks only
+    change its ``value``, which Dynamo traces (writing a module's ``__dict__`` breaks the graph)."""
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+
+
 class _KeepBlockInput:
     def __init__(self, attn: torch.nn.Module) -> None:
         self.attn = attn
@@ -25,7 +33,7 @@ class _KeepBlockInput:
     def __call__(self, mod, args, kwargs):
         x = args[0] if args else kwargs.get("hidden_states")
         if isinstance(x, torch.Tensor):
-            self.attn.__dict__[_ATTR] = x
+            self.attn.__dict__[_ATTR].value = x
 
 
 class _DropBlockInput:
@@ -33,7 +41,7 @@ class _DropBlockInput:
         self.attn = attn
 
     def __call__(self, mod, args, output):
-        self.attn.__dict__.pop(_ATTR, None)
+        self.attn.__dict__[_ATTR].value = None
 
 
 def watch_block_inputs(model: torch.nn.Module, is_target) -> list[tuple[torch.nn.Module, int, int]]:
@@ -50,6 +58,7 @@ def watch_block_inputs(model: torch.nn.Module, is_target) -> list[tuple[torch.nn
         attn = getattr(block, "attn1", None)
         if not isinstance(block, BasicTransformerBlock) or attn is None or not is_target(attn):
             continue
+        attn.__dict__[_ATTR] = _Slot()
         pre = block.register_forward_pre_hook(_KeepBlockInput(attn), with_kwargs=True)
         post = block.register_forward_hook(_DropBlockInput(attn))
         found.append((block, pre.id, post.id))
@@ -70,4 +79,5 @@ def unwatch_block_inputs(model: torch.nn.Module) -> None:
 
 def block_input_of(attn: torch.nn.Module) -> Any:
     """The input of the block ``attn`` belongs to, while that block runs (else None)."""
-    return attn.__dict__.get(_ATTR)
+    slot = attn.__dict__.get(_ATTR)
+    return None if slot is None else slot.value

@@ -1,10 +1,19 @@
 """``SparseAttnProcessor``: replace only the core attention of a Diffusers attention module.
 
 The processor wraps the module's own processor, so projections, qk-norm and RoPE stay the model's.
-While the wrapped processor runs, a ``TorchFunctionMode`` catches its call to
-``F.scaled_dot_product_attention`` — made directly (CogVideoX, UNets) or through diffusers'
-``dispatch_attention_fn`` (Wan, HunyuanVideo, LTX, Flux; forced to the native backend for the
-duration of the call) — and hands ``q, k, v`` with an :class:`AttnContext` to the method.
+It runs a copy of the wrapped processor's ``__call__`` whose globals route its attention call —
+diffusers' ``dispatch_attention_fn`` (Wan, HunyuanVideo, LTX, Flux) or
+``F.scaled_dot_product_attention`` (CogVideoX, UNets) — to diffattn, which hands ``q, k, v`` with an
+:class:`AttnContext` to the method. Calls diffattn does not take go to the function the processor
+called, with the backend it asked for. A wrapped processor that reaches SDPA some other way runs
+eagerly under a ``TorchFunctionMode`` that catches the SDPA call.
+
+``torch.compile``: Dynamo traces the processor and the routed call, which only look at shapes and
+flags; the method runs behind the opaque operator ``diffattn::attend`` (see :mod:`.ops`) with the
+model state's handle and the layer index as static ints, and the denoiser's traced pre-hook calls
+``diffattn::begin_forward``, which advances the schedule at run time. Nothing step-dependent is
+read while tracing, so it never becomes a guard: one graph serves every step, search and
+calibration. Eager calls run the same function without the operator.
 
 Two ways in, one mechanism:
 
@@ -27,6 +36,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
+import threading
+import types
 import weakref
 from contextlib import nullcontext
 from typing import Any
@@ -39,6 +51,9 @@ from ..kernels.api import log_once
 from ..methods import AttentionMethod, AttnContext, MethodConfig, get_method_class, make_config
 from .blocks import block_input_of, unwatch_block_inputs, watch_block_inputs
 from .models import ModelSpec, default_processor, layer_grid, spec_for
+from .ops import attend as _attend_op
+from .ops import begin_forward as _begin_op
+from .ops import set_impl, unregister_state
 from .state import ModelState, _timestep_value
 
 __all__ = ["SparseAttnProcessor", "adopt", "release", "state_of"]
@@ -64,6 +79,18 @@ class _BeginForward:
         self.state = state
 
     def __call__(self, module, args, kwargs):
+        if torch.compiler.is_compiling():
+            # Traced: only shapes are read here; the schedule advances in the operator, at run time.
+            state = self.state
+            inputs = dict(zip(state.forward_params, args))
+            inputs.update(kwargs)
+            grid, batch = state.shape_of(module, inputs)
+            like = next(v for v in inputs.values() if isinstance(v, torch.Tensor))
+            timestep = inputs.get(state.spec.timestep_arg)
+            if not isinstance(timestep, torch.Tensor):
+                timestep = None if timestep is None else torch.tensor(float(timestep))
+            state.token = _begin_op(like, timestep, state.handle, list(grid or ()), batch)
+            return
         self.state.begin_forward(module, args, kwargs)
 
 
@@ -151,11 +178,18 @@ def adopt(
     state.tracker.default_num_steps = num_steps
     targets = [(n, m) for n, m in _attention_modules(model) if spec.is_target(n)]
     state.num_layers = len(targets)
+    state.forward_params = tuple(inspect.signature(model.forward).parameters)
     for _, module in _attention_modules(model):
         module._diffattn_state = state
         module._diffattn_layer = None
     for index, (name, module) in enumerate(targets):
         module._diffattn_layer = (name, index)
+        state.layers.append(module)
+    for _, module in _attention_modules(model):
+        if isinstance(module.processor, SparseAttnProcessor):
+            # A shared processor's per-module inner processor is made here, on the host, so that a
+            # compiled first forward does not have to trace its construction.
+            module.processor._inner_for(module, state)
     pre = model.register_forward_pre_hook(_BeginForward(state), with_kwargs=True)
     post = model.register_forward_hook(_EndForward(state))
     state.hook_ids = (pre.id, post.id)  # type: ignore[attr-defined]
@@ -185,6 +219,8 @@ def release(model: torch.nn.Module) -> None:
         if getattr(module, "_diffattn_state", None) is state:
             del module._diffattn_state
             del module._diffattn_layer
+    state.layers.clear()
+    unregister_state(state.handle)
     del model._diffattn_state
 
 
@@ -215,10 +251,16 @@ def _stop_waiting() -> None:
         _global_hook = None
 
 
+@torch._dynamo.disable
 def _global_pre_hook(module: torch.nn.Module, args: tuple):
     if not len(_waiting):  # every waiting processor was garbage-collected
         _stop_waiting()
         return None
+    # ``torch.compile(model)`` is called before the model: adopting it here, eagerly, lets the model's
+    # own pre-hook (traced with the forward) see this first call, so it needs no probes.
+    compiled = isinstance(module, torch._dynamo.eval_frame.OptimizedModule)
+    if compiled:
+        module = module._orig_mod
     spec = spec_for(module)
     if spec is None:
         return None
@@ -227,7 +269,8 @@ def _global_pre_hook(module: torch.nn.Module, args: tuple):
         return None
     if "_diffattn_state" not in module.__dict__:
         state = adopt(module, spec)
-        _install_first_call_probes(module, state)
+        if not compiled:
+            _install_first_call_probes(module, state)
         log_once(
             f"adopt-{spec.name}",
             f"diffattn: found SparseAttnProcessor in a {type(module).__name__}; tracking its steps and grid",
@@ -272,6 +315,125 @@ def _install_first_call_probes(model: torch.nn.Module, state: ModelState) -> Non
 
 
 # ------------------------------------------------------------------------------------- interception
+# The wrapped processor runs with its attention call substituted: a copy of its ``__call__`` whose
+# globals map ``dispatch_attention_fn`` and ``F`` (for ``F.scaled_dot_product_attention``) to
+# diffattn's hooks. Dynamo traces that copy like the original (a TorchFunctionMode around it would
+# intercept every tensor method and break the graph). The hooks find the layer's handler in
+# ``_current``, which the processor sets for the duration of the wrapped call. A processor whose
+# ``__call__`` reaches SDPA some other way runs eagerly under ``_SDPAIntercept`` instead.
+class _Current(threading.local):
+    """Per thread, as two pipelines may run in two threads."""
+
+    handler: "_Handler | None" = None
+
+
+_current = _Current()
+
+
+def _dispatch_hook(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+    attention_kwargs=None, *, backend=None, parallel_config=None,
+):
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    handler = _current.handler
+    out = None
+    if handler is not None and not attention_kwargs and parallel_config is None:
+        mask = attn_mask
+        if mask is not None and mask.ndim == 2 and mask.shape[0] == query.shape[0] and mask.shape[1] == key.shape[1]:
+            mask = mask[:, None, None]  # [B, Nk] key mask, as diffusers' native backend reads it
+        q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+        out = handler.attend(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa)
+    if out is None:  # not diffattn's call: the backend the processor asked for runs it
+        return dispatch_attention_fn(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+            enable_gqa=enable_gqa, attention_kwargs=attention_kwargs, backend=backend,
+            parallel_config=parallel_config,
+        )
+    return out.transpose(1, 2)
+
+
+def _sdpa_hook(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    handler = _current.handler
+    out = None
+    if handler is not None:
+        out = handler.attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if out is None:
+        args = (query, key, value)
+        kwargs = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        return handler.passthrough(F.scaled_dot_product_attention, args, kwargs) if handler is not None else (
+            F.scaled_dot_product_attention(*args, **kwargs)
+        )
+    return out
+
+
+def _module_like(name: str, source: dict) -> types.ModuleType:
+    """A module (in ``sys.modules``, as Dynamo looks globals up by module name) holding a copy of
+    ``source``'s globals."""
+    module = types.ModuleType(name)
+    module.__dict__.update({k: v for k, v in source.items() if k not in ("__name__", "__spec__", "__loader__")})
+    module.__name__ = name
+    sys.modules[name] = module
+    return module
+
+
+_functional = _module_like(f"{__name__}._functional", vars(F))
+_functional.scaled_dot_product_attention = _sdpa_hook
+_substituted: dict[Any, Any] = {}
+
+
+def _substitute(fn: Any) -> Any:
+    """``fn`` with its attention call routed to diffattn's hooks, or None if it has no such call."""
+    if fn in _substituted:
+        return _substituted[fn]
+    code = getattr(fn, "__code__", None)
+    new = None
+    if code is not None and (
+        "dispatch_attention_fn" in code.co_names or "scaled_dot_product_attention" in code.co_names
+    ):
+        scope = _rerouted_globals(fn.__globals__)
+        if scope is not None:
+            new = types.FunctionType(code, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+            new.__kwdefaults__ = fn.__kwdefaults__
+            new.__qualname__ = fn.__qualname__
+    _substituted[fn] = new
+    return new
+
+
+def _rerouted_globals(source: dict) -> dict | None:
+    """One copy per module of its globals with the attention entry points replaced (None: it has none)."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    name = f"{__name__}._via.{source.get('__name__', 'unknown')}"
+    if name in _rerouted:
+        return _rerouted[name]
+    scope = dict(source)
+    changed = False
+    if scope.get("dispatch_attention_fn") is dispatch_attention_fn:
+        scope["dispatch_attention_fn"] = _dispatch_hook
+        changed = True
+    if scope.get("F") is F:
+        scope["F"] = _functional
+        changed = True
+    _rerouted[name] = _module_like(name, scope).__dict__ if changed else None
+    return _rerouted[name]
+
+
+_rerouted: dict[str, dict | None] = {}
+
+
+class _Prepared:
+    """What calling an inner processor needs, worked out once on the host: its ``__call__`` with the
+    substituted attention (None: intercept with the mode) and the keyword arguments it takes."""
+
+    def __init__(self, inner: Any) -> None:
+        self.call = _substitute(type(inner).__call__)
+        self.accepts = _accepted_kwargs(inner)
+
+    def __deepcopy__(self, memo: dict) -> "_Prepared":
+        return self  # immutable: functions and names
+
+
 class _SDPAIntercept(TorchFunctionMode):
     def __init__(self, handler) -> None:
         super().__init__()
@@ -280,7 +442,12 @@ class _SDPAIntercept(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            return self.handler(func, args, kwargs)
+            a = _sdpa_args(args, kwargs)
+            out = self.handler.attend(
+                a["query"], a["key"], a["value"], a.get("attn_mask"), a.get("dropout_p", 0.0),
+                a.get("is_causal", False), a.get("scale"), a.get("enable_gqa", False),
+            )
+            return self.handler.passthrough(func, args, kwargs) if out is None else out
         return func(*args, **kwargs)
 
 
@@ -357,7 +524,8 @@ class SparseAttnProcessor:
         self._parallel = None
         # diffusers filters the keyword arguments of Attention.forward by the processor's __call__
         # signature: expose the wrapped processor's (or the union of the known ones).
-        self.__call__ = _signature_proxy(self, inner)
+        self.__class__ = _class_with_signature(inner)
+        self._prepared = _Prepared(inner) if inner is not None else None
         if inner is None:
             _wait_for_model(self)
 
@@ -401,6 +569,7 @@ class SparseAttnProcessor:
             name = layer[0] if layer is not None else ""
             inner = default_processor(state.spec if state is not None else None, name, attn)
             attn._diffattn_inner = inner
+            attn._diffattn_prepared = _Prepared(inner)
         if hasattr(inner, "_attention_backend"):
             inner._attention_backend = self._backend
         return inner
@@ -413,12 +582,32 @@ class SparseAttnProcessor:
     def __call__(self, attn: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         state = attn.__dict__.get("_diffattn_state")
         inner = self._inner_for(attn, state)
-        kwargs = _filter_kwargs(inner, kwargs)
+        prepared = self._prepared if self.inner is not None else attn.__dict__["_diffattn_prepared"]
+        if kwargs and prepared.accepts is not None:
+            kwargs = {k: v for k, v in kwargs.items() if k in prepared.accepts}
         entry = attn.__dict__.get("_diffattn_layer")
-        info = None if state is None else state.info
-        if entry is None or info is None:
+        compiling = torch.compiler.is_compiling()
+        # Compiled code cannot look at the forward's state (a guard on the step); the operator does.
+        if entry is None or state is None or (not compiling and state.info is None):
             return inner(attn, *args, **kwargs)
-        handler = _Handler(self, state, entry, info, _user_backend(self._backend), attn)
+        handler = _Handler(self, state, entry, attn)
+        if prepared.call is None:
+            if compiling:
+                raise NotImplementedError(
+                    f"diffattn cannot compile around {type(inner).__name__}: its __call__ reaches "
+                    "scaled_dot_product_attention other than through dispatch_attention_fn or "
+                    "F.scaled_dot_product_attention. Run this model eagerly, or wrap a processor that "
+                    "calls one of them."
+                )
+            return self._call_intercepted(inner, handler, attn, args, kwargs)
+        previous = _current.handler
+        _current.handler = handler
+        try:
+            return prepared.call(inner, attn, *args, **kwargs)
+        finally:
+            _current.handler = previous
+
+    def _call_intercepted(self, inner, handler, attn, args, kwargs):
         saved = getattr(inner, "_attention_backend", None)
         if hasattr(inner, "_attention_backend"):
             inner._attention_backend = None
@@ -452,92 +641,118 @@ def _user_backend(processor_backend: Any) -> Any:
 
 
 class _Handler:
-    """Handles the intercepted SDPA calls of one processor call."""
+    """Takes (or declines) the attention calls of one processor call."""
 
-    def __init__(self, proc: SparseAttnProcessor, state: ModelState, entry, info, backend, attn) -> None:
-        self.proc, self.state, self.entry, self.info, self.attn = proc, state, entry, info, attn
-        self.backend = backend
+    def __init__(self, proc: SparseAttnProcessor, state: ModelState, entry, attn) -> None:
+        self.proc, self.state, self.entry, self.attn = proc, state, entry, attn
 
     def passthrough(self, func, args, kwargs):
-        """A call diffattn does not take: the user's diffusers backend runs it, or SDPA by default."""
-        if self.backend is None:
-            return func(*args, **kwargs)
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        return _passthrough(self.proc, func, args, kwargs)
 
-        a = _sdpa_args(args, kwargs)
-        q, k, v = (a[n].transpose(1, 2) for n in ("query", "key", "value"))
-        out = dispatch_attention_fn(
-            q, k, v, attn_mask=a.get("attn_mask"), dropout_p=a.get("dropout_p", 0.0) or 0.0,
-            is_causal=a.get("is_causal", False), scale=a.get("scale"), enable_gqa=a.get("enable_gqa", False),
-            backend=self.backend,
-        )
-        return out.transpose(1, 2)
+    def attend(self, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+        """The method's output for SDPA-layout ``q, k, v``, or None for a call diffattn does not take.
 
-    def __call__(self, func, args, kwargs):
-        a = _sdpa_args(args, kwargs)
-        q, k, v = a["query"], a["key"], a["value"]
-        b, h, n, _ = q.shape
-        name, index = self.entry
-        if (
-            a.get("is_causal", False)
-            or float(a.get("dropout_p", 0.0) or 0.0) > 0.0
-            or k.shape[-2] != n
-            or n < self.proc.min_tokens
-        ):
-            return self.passthrough(func, args, kwargs)
-        if q.device.type == "meta":
-            # Shape inference (e.g. building a model on the meta device): no values to plan from.
-            return q.new_empty(b, h, n, v.shape[-1])
-        ok, key_padding = self.state.key_padding(a.get("attn_mask"), b, n, _key_padding)
-        if not ok:
-            self._record(name, fallback="attention mask is not a key-padding mask; ran the model's attention")
-            return self.passthrough(func, args, kwargs)
-        if k.shape[1] != h:
-            rep = h // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        spec = self.state.spec
-        grid = layer_grid(self.info.grid, n, spec.multi_resolution)
-        text_len = 0
-        if grid is not None:
-            text_len = n - grid[0] * grid[1] * grid[2]
-            if text_len < 0:
-                grid, text_len = None, 0
-        row: dict[str, Any] = {}
-        ctx = AttnContext(
-            layer=name,
-            layer_index=index,
-            num_layers=self.state.num_layers,
-            is_self=True,
-            grid=grid,
-            text_len=text_len,
-            text_first=spec.text_first,
-            key_padding=key_padding,
-            step=self.info.step,
-            num_steps=self.info.num_steps,
-            branch=self.info.branch,
-            scale=a.get("scale"),
-            model=spec.name,
-            capture_layouts=self.state.capture_layouts,
-            block_input=block_input_of(self.attn),
-            latent_grid=self.info.grid,
-            record=row.update,
-        )
-        with self.state.timer() as t:
-            out = self.proc.method.attend(q, k, v, ctx)
-        self._record(name, time_ms=t.ms, grid=grid, text_len=text_len, **row)
-        return out.to(q.dtype)
+        Only shapes and flags are read here (static under compile); everything that depends on the
+        step or on tensor values happens in :func:`_attend`, behind ``diffattn::attend`` when compiling.
+        """
+        n = q.shape[-2]
+        if is_causal or float(dropout_p or 0.0) > 0.0 or k.shape[-2] != n or n < self.proc.min_tokens:
+            return None
+        block_input = block_input_of(self.attn)
+        if torch.compiler.is_compiling():
+            return _attend_op(
+                q, k, v, attn_mask, block_input, scale, bool(enable_gqa), self.state.handle, self.entry[1],
+                self.state.__dict__.get("token"),
+            )
+        return _attend(self.state, self.attn, self.proc, q, k, v, attn_mask, block_input, scale, enable_gqa)
 
-    def _record(self, name: str, **fields: Any) -> None:
-        self.state.stats.add(
-            {
-                "layer": name,
-                "step": self.info.step,
-                "branch": self.info.branch,
-                "generation": self.info.generation,
-                "method": self.proc.method.name,
-                **fields,
-            }
-        )
+
+def _passthrough(proc: SparseAttnProcessor, func, args, kwargs):
+    """A call diffattn does not take: the user's diffusers backend runs it, or SDPA by default."""
+    backend = _user_backend(proc._backend)
+    if backend is None:
+        return func(*args, **kwargs)
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    a = _sdpa_args(args, kwargs)
+    q, k, v = (a[n].transpose(1, 2) for n in ("query", "key", "value"))
+    out = dispatch_attention_fn(
+        q, k, v, attn_mask=a.get("attn_mask"), dropout_p=a.get("dropout_p", 0.0) or 0.0,
+        is_causal=a.get("is_causal", False), scale=a.get("scale"), enable_gqa=a.get("enable_gqa", False),
+        backend=backend,
+    )
+    return out.transpose(1, 2)
+
+
+def _attend(state: ModelState, attn, proc: SparseAttnProcessor, q, k, v, attn_mask, block_input, scale, enable_gqa):
+    """Run the layer's method on one attention call, with the current forward's step and grid."""
+    b, h, n, _ = q.shape
+    name, index = attn.__dict__["_diffattn_layer"]
+    info = state.info
+
+    def passthrough():
+        kwargs = dict(attn_mask=attn_mask, scale=scale, enable_gqa=enable_gqa)
+        return _passthrough(proc, F.scaled_dot_product_attention, (q, k, v), kwargs)
+
+    if q.device.type == "meta":
+        # Shape inference (e.g. building a model on the meta device): no values to plan from.
+        return q.new_empty(b, h, n, v.shape[-1])
+    if info is None:  # a compiled layer called outside its model's forward
+        return passthrough()
+    ok, key_padding = state.key_padding(attn_mask, b, n, _key_padding)
+    if not ok:
+        _record(state, info, proc, name, fallback="attention mask is not a key-padding mask; ran the model's attention")
+        return passthrough()
+    if k.shape[1] != h:
+        rep = h // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    spec = state.spec
+    grid = layer_grid(info.grid, n, spec.multi_resolution)
+    text_len = 0
+    if grid is not None:
+        text_len = n - grid[0] * grid[1] * grid[2]
+        if text_len < 0:
+            grid, text_len = None, 0
+    row: dict[str, Any] = {}
+    ctx = AttnContext(
+        layer=name,
+        layer_index=index,
+        num_layers=state.num_layers,
+        is_self=True,
+        grid=grid,
+        text_len=text_len,
+        text_first=spec.text_first,
+        key_padding=key_padding,
+        step=info.step,
+        num_steps=info.num_steps,
+        branch=info.branch,
+        scale=scale,
+        model=spec.name,
+        capture_layouts=state.capture_layouts,
+        block_input=block_input,
+        latent_grid=info.grid,
+        record=row.update,
+    )
+    with state.timer() as t:
+        out = proc.method.attend(q, k, v, ctx)
+    _record(state, info, proc, name, time_ms=t.ms, grid=grid, text_len=text_len, **row)
+    return out.to(q.dtype)
+
+
+set_impl(_attend)
+
+
+def _record(state: ModelState, info, proc: SparseAttnProcessor, name: str, **fields: Any) -> None:
+    state.stats.add(
+        {
+            "layer": name,
+            "step": info.step,
+            "branch": info.branch,
+            "generation": info.generation,
+            "method": proc.method.name,
+            **fields,
+        }
+    )
 
 
 def _native_backend():
@@ -585,30 +800,33 @@ def _known_union_signature() -> inspect.Signature:
     return _union_signature
 
 
-def _signature_proxy(proc: SparseAttnProcessor, inner: Any):
-    """A callable stored on the instance as ``__call__`` so ``inspect.signature(p.__call__)`` shows the
-    wrapped processor's parameters; calling it runs the processor."""
-
-    def call(*args, **kwargs):
-        return type(proc).__call__(proc, *args, **kwargs)
-
-    call.__signature__ = inspect.signature(inner.__call__) if inner is not None else _known_union_signature()
-    return call
+_signed_classes: dict[Any, type] = {}
 
 
-_accepted: dict[type, frozenset[str] | None] = {}
+def _class_with_signature(inner: Any) -> type:
+    """A subclass of :class:`SparseAttnProcessor` (one per wrapped processor class) whose ``__call__``
+    shows the wrapped processor's parameters to ``inspect.signature``. A class attribute rather than
+    one on the instance: Dynamo only traces ``__call__`` found on the class."""
+    key = None if inner is None else type(inner)
+    cls = _signed_classes.get(key)
+    if cls is None:
+        base = SparseAttnProcessor.__call__
+        call = types.FunctionType(base.__code__, base.__globals__, "__call__", base.__defaults__, base.__closure__)
+        call.__qualname__ = base.__qualname__
+        call.__signature__ = _self_first(_known_union_signature() if inner is None else inspect.signature(inner.__call__))
+        cls = type(SparseAttnProcessor.__name__, (SparseAttnProcessor,), {"__call__": call, "__module__": __name__})
+        _signed_classes[key] = cls
+    return cls
 
 
-def _filter_kwargs(inner: Any, kwargs: dict) -> dict:
-    """Drop keyword arguments the wrapped processor does not take (as diffusers would have)."""
-    if not kwargs:
-        return kwargs
-    kind = type(inner)
-    if kind not in _accepted:
-        params = inspect.signature(inner.__call__).parameters
-        var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
-        _accepted[kind] = None if var_kw else frozenset(params)
-    names = _accepted[kind]
-    if names is None:
-        return kwargs
-    return {k: v for k, v in kwargs.items() if k in names}
+def _self_first(sig: inspect.Signature) -> inspect.Signature:
+    this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sig.replace(parameters=[this, *sig.parameters.values()])
+
+
+def _accepted_kwargs(inner: Any) -> frozenset[str] | None:
+    """The keyword arguments the wrapped processor takes (None: any), as diffusers would filter them."""
+    params = inspect.signature(inner.__call__).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return None
+    return frozenset(params)

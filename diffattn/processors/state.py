@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 
 from .models import Grid, ModelSpec, bind_forward_args
+from .ops import register_state
 
 __all__ = ["StepTracker", "Stats", "SummaryTable", "ModelState", "ForwardInfo"]
 
@@ -274,11 +275,31 @@ class ModelState:
     sync_timing: bool = False
     capture_layouts: bool = False
     context: Any = None  # the diffusers CacheContext of the current call (set by the pipeline)
+    layers: list[Any] = field(default_factory=list)  # the target attention modules, by layer index
+
+    def __post_init__(self) -> None:
+        # The compiled graph names the state by this int (``diffattn::attend``'s ``handle``).
+        self.handle = register_state(self)
+
+    def __deepcopy__(self, memo: dict) -> "ModelState":
+        import copy
+
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        new.handle = register_state(new)
+        return new
 
     def begin_forward(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         self.begin(model, bind_forward_args(model, args, kwargs))
 
     def begin(self, model: torch.nn.Module, inputs: dict[str, Any]) -> None:
+        grid, batch = self.shape_of(model, inputs)
+        self.begin_values(grid, batch, inputs.get(self.spec.timestep_arg))
+
+    def shape_of(self, model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[Grid | None, int]:
+        """The forward's latent grid and batch, from its inputs' shapes (static under compile)."""
         grid = None
         try:
             grid = self.spec.grid(model, inputs)
@@ -289,7 +310,10 @@ class ModelState:
             if isinstance(value, torch.Tensor) and value.ndim >= 2:
                 batch = int(value.shape[0])
                 break
-        step, branch, num, new_gen = self.tracker.advance(inputs.get(self.spec.timestep_arg), self.context)
+        return grid, batch
+
+    def begin_values(self, grid: Grid | None, batch: int, timestep: Any) -> None:
+        step, branch, num, new_gen = self.tracker.advance(timestep, self.context)
         if new_gen and self.tracker.generation > 1:
             for m in self.methods:
                 m.reset()
@@ -298,6 +322,7 @@ class ModelState:
     def end_forward(self) -> None:
         self.info = None
         self._masks = {}
+        self.token = None
 
     def key_padding(self, mask: Any, b: int, n: int, parse: Callable) -> tuple[bool, Any]:
         """``parse(mask, b, n)`` once per mask and forward: every layer gets the model's same mask, and
