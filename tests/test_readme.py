@@ -64,8 +64,8 @@ COMMANDS = {
     "diffattn bench gpu --out DIR": "tests/test_bench_gpu.py::test_bench_gpu_smoke_runs_every_phase",
     "python -m diffattn.kernels.aot":
         "tests/test_compile_gate.py::test_every_kernel_config_compiles_for_sm90a_and_sm80_without_spills",
-    "diffattn generate --method gna --compare dense --frames 32 --height 64 --width 128 --steps 10 --out out/":
-        SMALLER,
+    'diffattn generate --method gna --compare dense --frames 32 --height 64 --width 128 --steps 10 '
+    '--prompt "a red circle moving left on a blue background" --out out/': SMALLER,
     # names of commands in headings and prose, not invocations
     "diffattn generate": "name",
     "diffattn draw": "name",
@@ -133,9 +133,10 @@ def test_readme_command_runs(command, tmp_path):
 
 @pytest.mark.parametrize("command", sorted(c for c, w in COMMANDS.items() if w == SMALLER))
 def test_readme_generate_command_runs_smaller(command, tmp_path):
-    _run_here(command, tmp_path, ["--prompt", "a red circle moving left on a blue background", "--frames", "2",
-                                  "--height", "32", "--width", "32", "--steps", "2", "--no-progress"])
     argv = shlex.split(command)
+    prompt = [] if "--prompt" in argv else ["--prompt", "a red circle moving left on a blue background"]
+    _run_here(command, tmp_path, [*prompt, "--frames", "2", "--height", "32", "--width", "32", "--steps", "2",
+                                  "--no-progress"])
     out_dir = argv[argv.index("--out") + 1]
     rows = (tmp_path / out_dir / "report.jsonl").read_text().splitlines()
     assert len(rows) == 1 and '"status": "ok"' in rows[0] and '"speedup"' in rows[0]
