@@ -163,12 +163,20 @@ def _cpu_table(rows: list[dict[str, Any]]) -> list[str]:
     loads = [x for r in c for x in r.get("loadavg_1m", [])]
     reps = sorted({r.get("reps") for r in c if r.get("reps")})
     rounds = f"{reps[0]}" if len(reps) == 1 else f"{reps[0]}-{reps[-1]}"
+    # A run is "idle" when the 1-minute load stayed below the core count (its own threads included).
+    span = f"1-minute load average {min(loads):.1f}–{max(loads):.1f}" if loads else "load not recorded"
+    if loads and max(loads) < (first.get("host_cpus") or 1):
+        load_note = f"otherwise idle: {span}"
+    else:
+        load_note = (
+            f"the machine was shared: {span}, so absolute times are inflated and only the side-by-side "
+            "ratios count"
+        )
     commands = " and ".join(f"`{cmd}`" for cmd in dict.fromkeys(r.get("command", "diffattn bench cpu") for r in c))
     out = [
         f"**Block-sparse attention on a CPU** ({commands}; "
         f"{first['device']}, {first.get('host_cpus')} cores, torch {first['torch']}, fp32, commit "
-        f"`{first['commit']}`; the machine was shared: 1-minute load average {min(loads):.1f}–{max(loads):.1f}, "
-        "so absolute times are inflated and only the side-by-side ratios count). Each row times the same "
+        f"`{first['commit']}`; {load_note}). Each row times the same "
         "attention with dense SDPA, compiled FlexAttention and diffattn, interleaved, the minimum of "
         f"{rounds} rounds; one-off costs (Flex's compile, the kernel's build) are not in the times. "
         "Random layouts keep `round(d·M)` random key blocks of 64 per query block; method layouts are each "
