@@ -40,6 +40,10 @@ import torch.nn.functional as F
 
 from ..kernels.api import log_once
 from ..methods.base import MethodConfig
+from .attention_body import AttentionBody
+from .models import layer_grid
+from .state import ModelState
+from .tokens import prompt_words, word_token_indices, word_token_spans
 
 __all__ = [
     "FateZeroConfig",
@@ -50,7 +54,6 @@ __all__ = [
     "word_swap_mapper",
     "refine_mapper",
     "blend_mask_from_maps",
-    "layer_grid",
     "step_range",
     "cross_step_range",
     "cross_alpha",
@@ -60,8 +63,7 @@ __all__ = [
     "EditPlan",
     "FateZeroState",
     "FateZeroAttnProcessor",
-    "install",
-    "uninstall",
+    "fatezero_processors",
 ]
 
 FrameRef = Union[int, str]
@@ -292,72 +294,6 @@ def spatial_temporal_kv(
 
 
 # ------------------------------------------------------------------------------------ token alignment
-def _prompt_words(prompt: str) -> list[str]:
-    return prompt.strip().split(" ")
-
-
-def _norm_word(word: str) -> str:
-    return word.lower().strip(".,;:!?\"'")
-
-
-def _word_token_spans(prompt: str, tokenizer) -> list[list[int]]:
-    """Token positions (BOS = 0) of each space-separated word of ``prompt``."""
-    spans, pos = [], 1
-    for word in _prompt_words(prompt):
-        n = len(tokenizer(word, add_special_tokens=False).input_ids)
-        spans.append(list(range(pos, pos + n)))
-        pos += n
-    total = len(tokenizer(prompt).input_ids)
-    if pos + 1 != total:
-        raise ValueError(
-            f"prompt {prompt!r} tokenizes to {total} tokens but its words separately to {pos + 1}; "
-            "put spaces between words and punctuation, or give token indices instead of words"
-        )
-    return spans
-
-
-def word_token_indices(
-    prompt: Optional[str], words: Sequence[Union[str, int]], tokenizer, max_len: int = 77, what: str = "words",
-    match: str = "exact",
-) -> list[int]:
-    """Token indices (BOS = 0) of ``words`` in ``prompt``; ints are taken as token indices as they are.
-
-    A word matches every space-separated word of the prompt equal to it — exactly (``match="exact"``,
-    the official rule: ``"tiger"`` does not match ``"tiger,"``) or ignoring case and trailing
-    punctuation (``"normalized"``); all its tokens are returned. Words need a tokenizer; without one
-    give ints.
-    """
-    if match not in ("exact", "normalized"):
-        raise ValueError(f"match must be 'exact' or 'normalized', got {match!r}")
-    norm = _norm_word if match == "normalized" else (lambda x: x)
-    out: list[int] = []
-    spans = None
-    for w in words:
-        if isinstance(w, bool) or not isinstance(w, (str, int)):
-            raise TypeError(f"{what} entry {w!r} must be a word (str) or a token index (int)")
-        if isinstance(w, int):
-            if not 0 <= w < max_len:
-                raise ValueError(f"{what} token index {w} is outside [0, {max_len})")
-            out.append(w)
-            continue
-        if tokenizer is None or prompt is None:
-            raise ValueError(
-                f"{what} entry {w!r} is a word but the pipeline has no tokenizer (or the prompt was given "
-                "as embeddings); give token indices (ints, BOS = 0) instead"
-            )
-        if spans is None:
-            spans = _word_token_spans(prompt, tokenizer)
-        hits = [i for i, pw in enumerate(_prompt_words(prompt)) if norm(pw) == norm(w)]
-        if not hits:
-            hint = "" if match == "normalized" else "; words match exactly (word_match='normalized' ignores case and punctuation)"
-            raise ValueError(
-                f"{what} entry {w!r} is not a word of the prompt {prompt!r} (words: {_prompt_words(prompt)}){hint}"
-            )
-        for i in hits:
-            out.extend(p for p in spans[i] if p < max_len)
-    return sorted(set(out))
-
-
 def word_swap_mapper(
     source: Optional[str], target: Optional[str], tokenizer, max_len: int = 77, realign: bool = False
 ) -> torch.Tensor:
@@ -374,13 +310,13 @@ def word_swap_mapper(
     """
     if tokenizer is None or source is None or target is None:
         return torch.eye(max_len)
-    ws, wt = _prompt_words(source), _prompt_words(target)
+    ws, wt = prompt_words(source), prompt_words(target)
     if len(ws) != len(wt):
         raise ValueError(
             f"cross_mode='replace' needs prompts with the same number of words: source {source!r} has "
             f"{len(ws)}, target {target!r} has {len(wt)}; use cross_mode='refine' (or 'auto')"
         )
-    ss, st = _word_token_spans(source, tokenizer), _word_token_spans(target, tokenizer)
+    ss, st = word_token_spans(source, tokenizer), word_token_spans(target, tokenizer)
     m = torch.zeros(max_len, max_len)
 
     def put(i: int, j: int, value: float) -> None:
@@ -469,19 +405,6 @@ def refine_mapper(source_ids: Sequence[int], target_ids: Sequence[int], max_len:
 
 
 # ---------------------------------------------------------------------------------------- blend mask
-def layer_grid(num_tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
-    """The ``(h, w)`` grid of a UNet layer with ``num_tokens`` queries for a latent of ``latent_hw``.
-
-    UNet levels halve the grid (rounding up, as stride-2 convolutions with padding 1 do).
-    """
-    h, w = latent_hw
-    while h * w > num_tokens and (h > 1 or w > 1):
-        h, w = -(-h // 2), -(-w // 2)
-    if h * w != num_tokens:
-        raise ValueError(f"{num_tokens} tokens is no UNet level of a {latent_hw} latent")
-    return h, w
-
-
 def blend_mask_from_maps(
     cross_maps: Sequence[torch.Tensor],
     grids: Sequence[tuple[int, int]],
@@ -632,8 +555,11 @@ class FateZeroState:
     """Mutable state shared by the FateZero processors of one UNet.
 
     ``mode``: ``"off"`` (plain dense attention), ``"store"`` (inversion: keep maps of every call) or
-    ``"edit"`` (fuse stored maps into the conditional half). The pipeline sets ``step``, ``num_steps``,
-    ``num_frames``, ``latent_hw`` and ``cfg`` (batch is ``[uncond, cond]``) before each UNet call.
+    ``"edit"`` (fuse stored maps into the conditional half). The pipeline sets ``num_frames`` and
+    ``cfg`` (batch is ``[uncond, cond]``). Installed on a UNet (:func:`fatezero_processors` with
+    ``diffattn.processors.api.install_processors``), ``schedule`` is the UNet's diffattn state: the
+    step and latent grid are those of its schedule, as for every diffattn method. Processors called
+    on their own (no ``schedule``) read ``step`` and ``latent_hw`` set by hand.
     """
 
     def __init__(self, config: FateZeroConfig):
@@ -641,17 +567,42 @@ class FateZeroState:
         self.mode: Literal["off", "store", "edit"] = "off"
         self.store: Optional[AttentionStore] = None
         self.plan: Optional[EditPlan] = None
+        self.schedule: Optional[ModelState] = None
         self.reset()
 
     def reset(self) -> None:
-        self.step = 0
-        self.num_steps = 1
+        self._step = 0
         self.num_frames = 1
-        self.latent_hw: tuple[int, int] = (1, 1)
+        self._latent_hw: tuple[int, int] = (1, 1)
         self.cfg = False
         self._mask_cache: dict[tuple[int, tuple[int, int]], torch.Tensor] = {}
         self._blend_names: Optional[list[str]] = None
         self.target_cross_sum: dict[str, torch.Tensor] = {}
+
+    @property
+    def step(self) -> int:
+        """The denoising (or inversion) step of the current UNet call, and after it until the next."""
+        return self._step if self.schedule is None else max(self.schedule.tracker.step, 0)
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._step = value
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        info = None if self.schedule is None else self.schedule.info
+        return self._latent_hw if info is None or info.grid is None else tuple(info.grid[1:])
+
+    @latent_hw.setter
+    def latent_hw(self, value: tuple[int, int]) -> None:
+        self._latent_hw = value
+
+    def grid(self, num_tokens: int) -> tuple[int, int]:
+        """The ``(h, w)`` grid of a layer with ``num_tokens`` queries."""
+        grid = layer_grid((1, *self.latent_hw), num_tokens, multi_resolution=True)
+        if grid is None:
+            raise ValueError(f"{num_tokens} tokens is no UNet level of a {tuple(self.latent_hw)} latent")
+        return grid[1:]
 
     # -- called by processors -------------------------------------------------------------------
     def temporal_refs(self, channels: int) -> Sequence[FrameRef]:
@@ -663,7 +614,7 @@ class FateZeroState:
         if self.mode == "off" or nq > self.config.max_query_tokens:
             return probs
         if self.mode == "store":
-            grid = layer_grid(nq, self.latent_hw)
+            grid = self.grid(nq)
             self.store.add(self.step, StoredLayer(name, is_cross, heads, nq, probs.shape[-1], grid), probs)
             return probs
         if is_cross and self.plan.latent_target_weights is not None and name in self.blend_names():
@@ -703,7 +654,7 @@ class FateZeroState:
         elif plan.blend_weights is None:
             edited = stored
         else:
-            mask = self.blend_mask(stored_step, layer_grid(current.shape[-2], self.latent_hw))
+            mask = self.blend_mask(stored_step, self.grid(current.shape[-2]))
             mask = mask.to(device=probs.device, dtype=probs.dtype)
             edited = mask * current + (1 - mask) * stored
         return torch.cat([probs[:half], edited], dim=0) if half else edited
@@ -778,35 +729,15 @@ class FateZeroAttnProcessor:
         *args: Any,
         **kwargs: Any,
     ) -> torch.Tensor:
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            b, c, hh, ww = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, hh * ww).transpose(1, 2)
-        batch, seq, _ = hidden_states.shape
+        body = AttentionBody(attn, hidden_states, temb)
+        batch = body.hidden_states.shape[0]
         is_cross = encoder_hidden_states is not None
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
-        context = hidden_states if not is_cross else encoder_hidden_states
-        if is_cross and attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        key, value = attn.to_k(context), attn.to_v(context)
-
-        heads = attn.heads
-        q = query.view(batch, -1, heads, query.shape[-1] // heads).transpose(1, 2)
-        k = key.view(batch, -1, heads, key.shape[-1] // heads).transpose(1, 2)
-        v = value.view(batch, -1, heads, value.shape[-1] // heads).transpose(1, 2)
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
+        q = body.query()
+        k, v = body.key_value(encoder_hidden_states, encoder=True)
 
         state = self.state
-        refs = ("self",) if is_cross else state.temporal_refs(query.shape[-1])
+        heads = attn.heads
+        refs = ("self",) if is_cross else state.temporal_refs(heads * q.shape[-1])
         if tuple(refs) != ("self",):
             if attention_mask is not None:
                 raise ValueError(f"{self.name}: spatial-temporal self-attention does not take an attention_mask")
@@ -816,27 +747,11 @@ class FateZeroAttnProcessor:
         if attention_mask is not None:
             mask = attn.prepare_attention_mask(attention_mask, k.shape[-2], batch)
             scores = scores + mask.view(batch, heads, -1, k.shape[-2]).float()
-        probs = scores.softmax(dim=-1)
-        probs = state.process(self.name, is_cross, heads, probs)
-        out = torch.matmul(probs.to(v.dtype), v)
-        out = out.transpose(1, 2).reshape(batch, -1, heads * v.shape[-1])
-
-        out = attn.to_out[0](out)
-        out = attn.to_out[1](out)
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(b, c, hh, ww)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        probs = state.process(self.name, is_cross, heads, scores.softmax(dim=-1))
+        return body.finish(torch.matmul(probs.to(v.dtype), v))
 
 
-def install(unet: torch.nn.Module, state: FateZeroState) -> dict[str, Any]:
-    """Put a :class:`FateZeroAttnProcessor` on every attention layer; returns the previous processors."""
-    previous = dict(unet.attn_processors)
-    unet.set_attn_processor({name: FateZeroAttnProcessor(name[: -len(".processor")], state) for name in previous})
-    return previous
-
-
-def uninstall(unet: torch.nn.Module, previous: dict[str, Any]) -> None:
-    """Restore the processors returned by :func:`install`."""
-    unet.set_attn_processor(previous)
+def fatezero_processors(unet: torch.nn.Module, state: FateZeroState) -> dict[str, FateZeroAttnProcessor]:
+    """A :class:`FateZeroAttnProcessor` for every attention layer of ``unet``, by processor key (for
+    ``install_processors``)."""
+    return {key: FateZeroAttnProcessor(key[: -len(".processor")], state) for key in unet.attn_processors}
