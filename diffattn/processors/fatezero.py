@@ -323,15 +323,20 @@ def word_swap_mapper(
         if i < max_len and j < max_len:
             m[i, j] = value
 
+    def put_word(a: list[int], b: list[int], spread: float) -> None:
+        # Source word tokens ``a`` to target word tokens ``b``: one to one when the counts match, else
+        # every target token reads all of ``a`` with weight ``spread``.
+        for t_pos, t in enumerate(b):
+            if len(a) == len(b):
+                put(a[t_pos], t, 1.0)
+            else:
+                for src in a:
+                    put(src, t, spread)
+
     if realign:
         put(0, 0, 1.0)
         for a, b in zip(ss, st):
-            for j_pos, j in enumerate(b):
-                if len(a) == len(b):
-                    put(a[j_pos], j, 1.0)
-                else:
-                    for i in a:
-                        put(i, j, 1.0 / len(a))
+            put_word(a, b, 1.0 / len(a))
         end_s, end_t = ss[-1][-1] + 1, st[-1][-1] + 1
         # EOS and padding: the k-th token after the target prompt takes the k-th token after the source
         # prompt (the last source position once those run out), so every target column sums to 1.
@@ -343,12 +348,7 @@ def word_swap_mapper(
     while i < max_len and j < max_len:
         if done < len(swapped) and ss[swapped[done]][0] == i:
             a, b = ss[swapped[done]], st[swapped[done]]
-            for t_pos, t in enumerate(b):
-                if len(a) == len(b):
-                    put(a[t_pos], t, 1.0)
-                else:
-                    for src in a:
-                        put(src, t, 1.0 / len(b))
+            put_word(a, b, 1.0 / len(b))
             done += 1
             i, j = i + len(a), j + len(b)
         elif done < len(swapped):
