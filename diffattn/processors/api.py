@@ -174,7 +174,10 @@ def install_processors(
     current = dict(model.attn_processors)
     unknown = sorted(set(replace) - set(current))
     if unknown:
-        raise KeyError(f"{type(model).__name__} has no attention processor(s) {unknown}")
+        raise ValueError(
+            f"replace names {unknown}, which are no processor keys of {type(model).__name__}; "
+            "use keys of model.attn_processors"
+        )
     state = state_of(model)
     if state is not None:
         state.covered.append(current)
