@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -57,20 +58,21 @@ from .._extras import need
 need("transformers", "edit", "FateZeroPipeline")
 from transformers import PreTrainedTokenizerBase  # noqa: E402  (after the one-line missing-extra check)
 
+from ..processors.api import denoising_step, install_processors, restore_processors
 from ..processors.fatezero import (
     AttentionStore,
     EditPlan,
     FateZeroConfig,
     FateZeroState,
     StoredLayer,
-    install,
-    refine_mapper,
     cross_alpha,
+    fatezero_processors,
+    refine_mapper,
     step_range,
-    uninstall,
     word_swap_mapper,
     word_token_indices,
 )
+from .video_io import write_video
 
 __all__ = ["FateZeroPipeline", "FateZeroInversion", "FateZeroOutput", "StorePlan", "write_video"]
 
@@ -155,24 +157,6 @@ class FateZeroOutput(BaseOutput):
     frames: Any
     video_path: Optional[str]
     inversion: FateZeroInversion
-
-
-def write_video(frames: np.ndarray, path: Union[str, os.PathLike], fps: float = 8) -> str:
-    """Write ``uint8 [F, H, W, 3]`` frames to an mp4 (H.264) atomically: a temp file, then a rename."""
-    imageio = need("imageio.v2", "video")
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix or '.mp4'}")
-    try:
-        with imageio.get_writer(str(tmp), format="FFMPEG", fps=fps, codec="libx264", macro_block_size=2) as w:
-            for frame in frames:
-                w.append_data(frame)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return str(path)
 
 
 class FateZeroPipeline(DiffusionPipeline):
@@ -360,11 +344,16 @@ class FateZeroPipeline(DiffusionPipeline):
         itemsize = torch.empty((), dtype=config.torch_store_dtype).element_size()
         return StorePlan(layers, num_frames, num_inference_steps, itemsize)
 
-    def _state(self, config: FateZeroConfig, num_frames: int, latent_hw: tuple[int, int]) -> FateZeroState:
-        state = FateZeroState(config)
-        state.num_frames = num_frames
-        state.latent_hw = latent_hw
-        return state
+    @contextmanager
+    def _fusing(self, state: FateZeroState):
+        """The FateZero processors on the UNet for a block, on diffattn's state and schedule; whatever
+        was installed before (a ``diffattn.apply`` method) comes back after."""
+        state.schedule = install_processors(self.unet, fatezero_processors(self.unet, state))
+        try:
+            yield
+        finally:
+            restore_processors(self.unet)
+            state.schedule = None
 
     # ----------------------------------------------------------------------------------------- invert
     @torch.no_grad()
@@ -427,7 +416,6 @@ class FateZeroPipeline(DiffusionPipeline):
             posterior = self.vae.encode(chunk).latent_dist
             latents.append(posterior.mean if config.encode_mean else posterior.sample(generator))
         z = torch.cat(latents).to(dtype) * self.vae.config.scaling_factor
-        latent_hw = tuple(z.shape[-2:])
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
@@ -435,26 +423,23 @@ class FateZeroPipeline(DiffusionPipeline):
         final_alpha = torch.as_tensor(self.scheduler.final_alpha_cumprod, device=device)
         stride = self.scheduler.config.num_train_timesteps // num_inference_steps
 
-        state = self._state(config, num_frames, latent_hw)
+        state = FateZeroState(config)
+        state.num_frames = num_frames
         state.mode = "store"
         state.store = AttentionStore(dtype=config.torch_store_dtype, device=config.store_device)
-        state.num_steps = num_inference_steps
         emb = cond.expand(num_frames, -1, -1)
         trajectory = [z.cpu()]
-        previous = install(self.unet, state)
-        try:
+        with self._fusing(state):
             desc = f"FateZero inversion (storing {_fmt_bytes(plan.total_bytes)})"
             for i, t in enumerate(self._progress(list(reversed(timesteps)), desc)):
-                state.step = i
-                eps = self.unet(z, t, encoder_hidden_states=emb).sample
+                with denoising_step(self.unet, i, num_inference_steps):
+                    eps = self.unet(z, t, encoder_hidden_states=emb).sample
                 prev_t = int(t) - stride
                 a_prev = alphas[prev_t] if prev_t >= 0 else final_alpha
                 a_t = alphas[int(t)]
                 x0 = (z.float() - (1 - a_prev).sqrt() * eps.float()) / a_prev.sqrt()
                 z = (a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps.float()).to(dtype)
                 trajectory.append(z.cpu())
-        finally:
-            uninstall(self.unet, previous)
         return FateZeroInversion(
             latents=z, trajectory=trajectory, store=state.store, store_plan=plan, source_prompt=source_prompt,
             source_ids=source_ids, source_embeds=cond, timesteps=timesteps.clone(), config=config,
@@ -579,37 +564,34 @@ class FateZeroPipeline(DiffusionPipeline):
         else:
             emb = cond.expand(num_frames, -1, -1)
 
-        state = self._state(config, num_frames, tuple(inversion.latents.shape[-2:]))
+        state = FateZeroState(config)
+        state.num_frames = num_frames
         state.mode = "edit"
         state.cfg = cfg
         state.store = inversion.store
-        state.num_steps = inversion.num_steps
         state.plan = self.edit_plan(inversion, target_prompt, target_ids, config, text_len)
 
         self.scheduler.set_timesteps(inversion.num_steps, device=self.device)
         if not torch.equal(self.scheduler.timesteps.cpu(), inversion.timesteps.cpu()):
             raise ValueError("the scheduler's timesteps differ from the inversion's; do not change the scheduler between invert and edit")
         z = inversion.latents.to(self.device, self.unet.dtype)
-        previous = install(self.unet, state)
-        try:
+        with self._fusing(state):
             for j, t in enumerate(self._progress(self.scheduler.timesteps, "FateZero edit")):
-                state.step = j
                 inp = torch.cat([z, z]) if cfg else z
                 inp = self.scheduler.scale_model_input(inp, t)
-                eps = self.unet(inp, t, encoder_hidden_states=emb).sample
+                with denoising_step(self.unet, j, inversion.num_steps, "cond_uncond" if cfg else "cond"):
+                    eps = self.unet(inp, t, encoder_hidden_states=emb).sample
                 if cfg:
                     eps_u, eps_c = eps.chunk(2)
                     eps = eps_u + guidance_scale * (eps_c - eps_u)
                 z = self.scheduler.step(eps, t, z, eta=0.0).prev_sample
                 if state.plan.latent_range is not None:
                     z = state.blend_latents(z, inversion.trajectory[inversion.num_steps - j])
-        finally:
-            uninstall(self.unet, previous)
 
         if output_type == "latent":
             return FateZeroOutput(frames=z, video_path=None, inversion=inversion)
         video = self.decode(z, vae_batch_size)
-        path = write_video(video, output_path, fps) if output_path is not None else None
+        path = str(write_video(output_path, video, fps)) if output_path is not None else None
         if output_type == "pil":
             from PIL import Image
 

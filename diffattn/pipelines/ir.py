@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import torch
 
 from ..processors.ir import IRAttention, IRConfig, IRRegions, check_box
+from ..processors.tokens import word_token_indices
 
 __all__ = ["IRDiffusionPipeline", "IRDiffusionOutput", "find_token_indices"]
 
@@ -65,16 +66,8 @@ def find_token_indices(tokenizer, prompt: str, word: str) -> list[int]:
     """
     if not isinstance(word, str) or not word.strip():
         raise ValueError(f"subject word {word!r} must be a non-empty string")
-    ids = tokenizer(prompt, truncation=True).input_ids
-    sub = tokenizer(word.strip(), add_special_tokens=False).input_ids
-    hits = [i for i in range(len(ids) - len(sub) + 1) if ids[i : i + len(sub)] == sub] if sub else []
-    if not hits:
-        tokens = tokenizer.convert_ids_to_tokens(ids)
-        raise ValueError(
-            f"subject word {word!r} is not in prompt {prompt!r} (tokens: {tokens}); use a word of the "
-            "prompt, or give token indices instead"
-        )
-    return sorted({i + j for i in hits for j in range(len(sub))})
+    limit = getattr(tokenizer, "model_max_length", 77)
+    return word_token_indices(prompt, [word], tokenizer, limit, "subject word", match="tokens")
 
 
 def _check_indices(indices: Any, n: int, limit: int, name: str) -> list[list[int]]:
@@ -272,7 +265,7 @@ class IRDiffusionPipeline:
                     reference.append((m if m.any() else d == d.max()).float())
         regions = IRRegions(target=list(target), reference=list(reference))
 
-        ir = IRAttention(unet, config, regions, capture=capture)
+        ir = IRAttention(unet, config, regions, capture=capture, scheduler=pipe.scheduler)
         with self._progress("IR-Diffusion"), ir:
             result = pipe(latents=latents.clone(), output_type=output_type, **call)
         images = result.images
@@ -345,7 +338,7 @@ class IRDiffusionPipeline:
         if target_tokens is not None:
             tokens[cond + n] = target_tokens
         cap = IRAttention(self.pipe.unet, IRConfig(), None, subject_map_tokens=tokens,
-                          max_map_tokens=max_map_tokens)
+                          max_map_tokens=max_map_tokens, scheduler=self.pipe.scheduler)
         stop = num_steps if region_steps is None else min(region_steps, num_steps)
 
         def interrupt(pipe, i, t, kwargs):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from typing import Any, Callable, Iterable
 
 import torch
@@ -10,9 +11,18 @@ import torch
 from ..methods import MethodConfig, get_method_class, make_config
 from .models import ModelSpec, spec_for, supported_models
 from .sparse import DEFAULT_MIN_TOKENS, SparseAttnProcessor, _parallel_message, adopt, release, state_of
-from .state import Stats
+from .state import ModelState, Stats
 
-__all__ = ["apply", "remove", "stats", "denoisers", "method_of"]
+__all__ = [
+    "apply",
+    "remove",
+    "stats",
+    "denoisers",
+    "method_of",
+    "install_processors",
+    "restore_processors",
+    "denoising_step",
+]
 
 _DENOISER_ATTRS = ("transformer", "transformer_2", "unet")
 
@@ -121,31 +131,94 @@ def apply(
     for _, model, _ in plans:
         _remove_model(model)
     for comp, model, model_spec in plans:
-        originals = dict(model.attn_processors)
         method_obj = get_method_class(cfg.method)(cfg)
-        new = {}
-        chosen = 0
-        for key, proc in originals.items():
-            name = key[: -len(".processor")]
-            if model_spec.is_target(name) and keep(name):
-                new[key] = SparseAttnProcessor(inner=proc, min_tokens=min_tokens, method=method_obj)
-                chosen += 1
-            else:
-                new[key] = proc
-        if chosen == 0:
+        new = {
+            key: SparseAttnProcessor(inner=proc, min_tokens=min_tokens, method=method_obj)
+            for key, proc in model.attn_processors.items()
+            if model_spec.is_target(key[: -len(".processor")]) and keep(key[: -len(".processor")])
+        }
+        if not new:
             raise ValueError(
                 f"no self-attention layer of {type(model).__name__} matched (layers={layers!r}); "
                 f"the {model_spec.name} layers match /{model_spec.self_attention}/"
             )
-        model.set_attn_processor(new)
-        state = adopt(
-            model, model_spec, scheduler=scheduler, num_steps=num_steps, sync_timing=sync_timing,
+        state = install_processors(
+            model, new, model_spec, scheduler=scheduler, num_steps=num_steps, sync_timing=sync_timing,
             capture_layouts=capture_layouts,
         )
         state.methods.append(method_obj)
-        state.originals = originals  # type: ignore[attr-defined]
         state.component = comp  # type: ignore[attr-defined]
     return cfg
+
+
+def install_processors(
+    model: torch.nn.Module, replace: dict[str, Any], spec: ModelSpec | None = None, **adopt_args: Any
+) -> ModelState:
+    """Set ``replace`` (processor key -> processor; other modules keep theirs) on ``model`` and adopt
+    it: the way every diffattn processor goes in (``apply``, FateZero, IR-Diffusion).
+
+    On a model without diffattn, :func:`remove` (or :func:`restore_processors`) later restores the
+    processors found here. On a model that already carries diffattn, the new processors share its
+    state and schedule, and :func:`restore_processors` puts back the ones they covered; ``adopt_args``
+    (``scheduler``, ``num_steps``, ``sync_timing``, ``capture_layouts``) apply to a new state only.
+
+    Returns:
+        The model's :class:`~diffattn.processors.state.ModelState`.
+    """
+    spec = spec if spec is not None else spec_for(model)
+    if spec is None:
+        raise ValueError(
+            f"{type(model).__name__} is not a supported model; supported: {supported_models()}. "
+            "Describe it with spec=diffattn.ModelSpec(...)"
+        )
+    current = dict(model.attn_processors)
+    unknown = sorted(set(replace) - set(current))
+    if unknown:
+        raise ValueError(
+            f"replace names {unknown}, which are no processor keys of {type(model).__name__}; "
+            "use keys of model.attn_processors"
+        )
+    state = state_of(model)
+    if state is not None:
+        state.covered.append(current)
+    model.set_attn_processor({**current, **replace})
+    if state is None:
+        state = adopt(model, spec, **adopt_args)
+        state.originals = current
+    return state
+
+
+def restore_processors(model: torch.nn.Module) -> None:
+    """Undo the latest :func:`install_processors` on ``model``: the processors it covered come back,
+    and after the first one diffattn leaves the model as :func:`remove` does (no-op without diffattn)."""
+    state = state_of(model)
+    if state is None:
+        return
+    if state.covered:
+        model.set_attn_processor(state.covered.pop())
+    else:
+        _remove_model(model)
+
+
+@contextmanager
+def denoising_step(model: torch.nn.Module, step_index: int, num_inference_steps: int, name: str = "cond"):
+    """diffusers' ``cache_context`` for a denoising loop of diffattn's own: the calls inside are step
+    ``step_index`` of ``num_inference_steps``, branch ``name`` (``"cond_uncond"`` for a batched CFG
+    call). Denoisers without ``cache_context`` (UNets) get the same context on their diffattn state."""
+    if hasattr(model, "cache_context"):
+        with model.cache_context(name, step_index=step_index, num_inference_steps=num_inference_steps):
+            yield
+        return
+    from diffusers.hooks.hooks import CacheContext
+
+    state = state_of(model)
+    if state is None:
+        raise RuntimeError(f"{type(model).__name__} carries no diffattn processors; install them first")
+    state.context = CacheContext(name, step_index=step_index, num_inference_steps=num_inference_steps)
+    try:
+        yield
+    finally:
+        state.context = None
 
 
 def _remove_model(model: torch.nn.Module) -> None:

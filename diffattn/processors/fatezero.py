@@ -26,20 +26,36 @@ previous, middle, ...), concatenated along the key axis, which keeps the edit co
 The processors compute attention **densely and explicitly** (``softmax(q k^T * scale) @ v``): the
 probability maps must exist to be stored and rewritten, so no fused or sparse kernel is used while a
 :class:`FateZeroState` is installed. Pure helpers (frame references, token alignment, blend mask) sit
-at the top and know nothing of diffusers.
+in :mod:`.fatezero_rules` and know nothing of diffusers.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
-from ..kernels.api import log_once
 from ..methods.base import MethodConfig
+from .attention_body import AttentionBody
+from .models import layer_grid
+from .state import ModelState
+from .fatezero_rules import (
+    _NAMED_REFS,
+    FrameRef,
+    StoredLayer,
+    _bounds,
+    blend_layer_names,
+    blend_mask_from_maps,
+    cross_alpha,
+    cross_step_range,
+    frame_reference_indices,
+    refine_mapper,
+    spatial_temporal_kv,
+    step_range,
+    word_swap_mapper,
+)
+from .tokens import word_token_indices
 
 __all__ = [
     "FateZeroConfig",
@@ -50,7 +66,6 @@ __all__ = [
     "word_swap_mapper",
     "refine_mapper",
     "blend_mask_from_maps",
-    "layer_grid",
     "step_range",
     "cross_step_range",
     "cross_alpha",
@@ -60,12 +75,9 @@ __all__ = [
     "EditPlan",
     "FateZeroState",
     "FateZeroAttnProcessor",
-    "install",
-    "uninstall",
+    "fatezero_processors",
 ]
 
-FrameRef = Union[int, str]
-_NAMED_REFS = ("self", "first", "previous", "next", "middle", "last")
 _STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -200,361 +212,7 @@ class FateZeroConfig(MethodConfig):
         return _STORE_DTYPES[self.store_dtype]
 
 
-def _bounds(value: Union[float, tuple[float, float]]) -> tuple[float, float]:
-    return (0.0, float(value)) if isinstance(value, (int, float)) else (float(value[0]), float(value[1]))
-
-
-def step_range(value: Union[float, tuple[float, float]], num_steps: int) -> tuple[int, int]:
-    """Edit steps ``[start, end)`` covered by a fraction (or a ``(start, end)`` pair of fractions)."""
-    lo, hi = _bounds(value)
-    return int(lo * num_steps), int(hi * num_steps)
-
-
-def cross_step_range(value: Union[float, tuple[float, float]], num_steps: int) -> tuple[int, int]:
-    """The cross-attention edit's steps ``[int(lo*(N+1)), int(hi*(N+1)))``: the official schedule has a
-    row per step plus one (``num_steps + 1``), and the fractions are taken of that length."""
-    return step_range(value, num_steps + 1)
-
-
-def cross_alpha(
-    num_steps: int, text_len: int, default: Union[float, tuple[float, float]],
-    words: Sequence[tuple[Sequence[int], Union[float, tuple[float, float]]]] = (),
-) -> torch.Tensor:
-    """``[num_steps + 1, T]``: 1 where the cross-attention edit runs for (step, token).
-
-    Every token follows ``default``; the token indices of each ``(tokens, range)`` in ``words`` follow
-    their own range (later entries win)."""
-    alpha = torch.zeros(num_steps + 1, text_len)
-    lo, hi = cross_step_range(default, num_steps)
-    alpha[lo:hi] = 1.0
-    for tokens, value in words:
-        idx = torch.as_tensor(list(tokens), dtype=torch.long)
-        if idx.numel() == 0:
-            continue
-        lo, hi = cross_step_range(value, num_steps)
-        alpha[:, idx] = 0.0
-        alpha[lo:hi, idx] = 1.0
-    return alpha
-
-
-# --------------------------------------------------------------------------------- spatial-temporal
-def frame_reference_indices(num_frames: int, refs: Sequence[FrameRef]) -> list[torch.Tensor]:
-    """For each reference, the source frame of every frame: a list of int64 ``[F]`` index tensors."""
-    out = []
-    f = torch.arange(num_frames)
-    for ref in refs:
-        if isinstance(ref, bool) or not isinstance(ref, (int, str)):
-            raise TypeError(f"frame reference {ref!r} must be an int offset or one of {list(_NAMED_REFS)}")
-        if isinstance(ref, int):
-            idx = (f + ref).clamp(0, num_frames - 1)
-        elif ref == "self":
-            idx = f
-        elif ref == "first":
-            idx = torch.zeros_like(f)
-        elif ref == "last":
-            idx = torch.full_like(f, num_frames - 1)
-        elif ref == "middle":
-            idx = torch.full_like(f, (num_frames - 1) // 2)
-        elif ref == "previous":
-            idx = (f - 1).clamp(min=0)
-        elif ref == "next":
-            idx = (f + 1).clamp(max=num_frames - 1)
-        else:
-            raise ValueError(f"frame reference {ref!r}; use one of {list(_NAMED_REFS)} or an int offset")
-        out.append(idx)
-    return out
-
-
-def spatial_temporal_kv(
-    key: torch.Tensor, value: torch.Tensor, num_frames: int, refs: Sequence[FrameRef]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys/values of each frame taken from its reference frames.
-
-    Args:
-        key, value: ``[(B F), ..., N, D]`` with the frames of each clip adjacent in the batch.
-        num_frames: ``F``; the batch must be a multiple of it.
-        refs: frame references (see :func:`frame_reference_indices`).
-
-    Returns:
-        ``key, value`` of shape ``[(B F), ..., N * len(refs), D]``: reference blocks in ``refs`` order.
-    """
-    bf = key.shape[0]
-    if bf % num_frames:
-        raise ValueError(f"batch {bf} is not a multiple of num_frames={num_frames}")
-    index = frame_reference_indices(num_frames, refs)
-
-    def gather(x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(bf // num_frames, num_frames, *x.shape[1:])
-        x = torch.cat([x[:, i.to(x.device)] for i in index], dim=-2)
-        return x.reshape(bf, *x.shape[2:])
-
-    return gather(key), gather(value)
-
-
-# ------------------------------------------------------------------------------------ token alignment
-def _prompt_words(prompt: str) -> list[str]:
-    return prompt.strip().split(" ")
-
-
-def _norm_word(word: str) -> str:
-    return word.lower().strip(".,;:!?\"'")
-
-
-def _word_token_spans(prompt: str, tokenizer) -> list[list[int]]:
-    """Token positions (BOS = 0) of each space-separated word of ``prompt``."""
-    spans, pos = [], 1
-    for word in _prompt_words(prompt):
-        n = len(tokenizer(word, add_special_tokens=False).input_ids)
-        spans.append(list(range(pos, pos + n)))
-        pos += n
-    total = len(tokenizer(prompt).input_ids)
-    if pos + 1 != total:
-        raise ValueError(
-            f"prompt {prompt!r} tokenizes to {total} tokens but its words separately to {pos + 1}; "
-            "put spaces between words and punctuation, or give token indices instead of words"
-        )
-    return spans
-
-
-def word_token_indices(
-    prompt: Optional[str], words: Sequence[Union[str, int]], tokenizer, max_len: int = 77, what: str = "words",
-    match: str = "exact",
-) -> list[int]:
-    """Token indices (BOS = 0) of ``words`` in ``prompt``; ints are taken as token indices as they are.
-
-    A word matches every space-separated word of the prompt equal to it — exactly (``match="exact"``,
-    the official rule: ``"tiger"`` does not match ``"tiger,"``) or ignoring case and trailing
-    punctuation (``"normalized"``); all its tokens are returned. Words need a tokenizer; without one
-    give ints.
-    """
-    if match not in ("exact", "normalized"):
-        raise ValueError(f"match must be 'exact' or 'normalized', got {match!r}")
-    norm = _norm_word if match == "normalized" else (lambda x: x)
-    out: list[int] = []
-    spans = None
-    for w in words:
-        if isinstance(w, bool) or not isinstance(w, (str, int)):
-            raise TypeError(f"{what} entry {w!r} must be a word (str) or a token index (int)")
-        if isinstance(w, int):
-            if not 0 <= w < max_len:
-                raise ValueError(f"{what} token index {w} is outside [0, {max_len})")
-            out.append(w)
-            continue
-        if tokenizer is None or prompt is None:
-            raise ValueError(
-                f"{what} entry {w!r} is a word but the pipeline has no tokenizer (or the prompt was given "
-                "as embeddings); give token indices (ints, BOS = 0) instead"
-            )
-        if spans is None:
-            spans = _word_token_spans(prompt, tokenizer)
-        hits = [i for i, pw in enumerate(_prompt_words(prompt)) if norm(pw) == norm(w)]
-        if not hits:
-            hint = "" if match == "normalized" else "; words match exactly (word_match='normalized' ignores case and punctuation)"
-            raise ValueError(
-                f"{what} entry {w!r} is not a word of the prompt {prompt!r} (words: {_prompt_words(prompt)}){hint}"
-            )
-        for i in hits:
-            out.extend(p for p in spans[i] if p < max_len)
-    return sorted(set(out))
-
-
-def word_swap_mapper(
-    source: Optional[str], target: Optional[str], tokenizer, max_len: int = 77, realign: bool = False
-) -> torch.Tensor:
-    """Word-swap token mapping ``M`` ``[T, T]``: ``edited[..., j] = sum_i stored[..., i] * M[i, j]``.
-
-    Words are paired by position (the prompts must have the same number of words); the swapped words
-    are the pairs that differ. The official rule (``realign=False``): tokens before and between swapped
-    words map one to one in order; a swapped word maps token to token when both words have as many
-    tokens, otherwise every target token of it gets the sum of the source word's tokens divided by the
-    target word's token count; after the last swapped word, target token ``j`` reads source token
-    ``j``. ``realign=True``: a swapped word of another token count gives each target token the mean of
-    the source word's tokens, and every later word, EOS and padding keeps reading its own source token.
-    Without a tokenizer (prompt embeddings), the mapping is the identity.
-    """
-    if tokenizer is None or source is None or target is None:
-        return torch.eye(max_len)
-    ws, wt = _prompt_words(source), _prompt_words(target)
-    if len(ws) != len(wt):
-        raise ValueError(
-            f"cross_mode='replace' needs prompts with the same number of words: source {source!r} has "
-            f"{len(ws)}, target {target!r} has {len(wt)}; use cross_mode='refine' (or 'auto')"
-        )
-    ss, st = _word_token_spans(source, tokenizer), _word_token_spans(target, tokenizer)
-    m = torch.zeros(max_len, max_len)
-
-    def put(i: int, j: int, value: float) -> None:
-        if i < max_len and j < max_len:
-            m[i, j] = value
-
-    if realign:
-        put(0, 0, 1.0)
-        for a, b in zip(ss, st):
-            for j_pos, j in enumerate(b):
-                if len(a) == len(b):
-                    put(a[j_pos], j, 1.0)
-                else:
-                    for i in a:
-                        put(i, j, 1.0 / len(a))
-        end_s, end_t = ss[-1][-1] + 1, st[-1][-1] + 1
-        # EOS and padding: the k-th token after the target prompt takes the k-th token after the source
-        # prompt (the last source position once those run out), so every target column sums to 1.
-        for k in range(max_len - end_t):
-            put(min(end_s + k, max_len - 1), end_t + k, 1.0)
-        return m
-    swapped = [k for k in range(len(wt)) if ws[k] != wt[k]]
-    i = j = done = 0
-    while i < max_len and j < max_len:
-        if done < len(swapped) and ss[swapped[done]][0] == i:
-            a, b = ss[swapped[done]], st[swapped[done]]
-            for t_pos, t in enumerate(b):
-                if len(a) == len(b):
-                    put(a[t_pos], t, 1.0)
-                else:
-                    for src in a:
-                        put(src, t, 1.0 / len(b))
-            done += 1
-            i, j = i + len(a), j + len(b)
-        elif done < len(swapped):
-            put(i, j, 1.0)
-            i, j = i + 1, j + 1
-        else:
-            put(j, j, 1.0)
-            i, j = i + 1, j + 1
-    return m
-
-
-def _global_align(x: Sequence[int], y: Sequence[int]) -> list[int]:
-    """Needleman–Wunsch (match +1, mismatch -1, gap 0): for each ``y`` position, its ``x`` position or -1."""
-    n, m = len(x), len(y)
-    score = [[0] * (m + 1) for _ in range(n + 1)]
-    move = [[0] * (m + 1) for _ in range(n + 1)]  # 1 = left (gap in x), 2 = up (gap in y), 3 = diagonal
-    for j in range(1, m + 1):
-        move[0][j] = 1
-    for i in range(1, n + 1):
-        move[i][0] = 2
-        for j in range(1, m + 1):
-            left, up = score[i][j - 1], score[i - 1][j]
-            diag = score[i - 1][j - 1] + (1 if x[i - 1] == y[j - 1] else -1)
-            best = max(left, up, diag)
-            score[i][j] = best
-            move[i][j] = 1 if best == left else 2 if best == up else 3
-    out = [-1] * m
-    i, j = n, m
-    while i > 0 or j > 0:
-        if move[i][j] == 3:
-            i, j = i - 1, j - 1
-            out[j] = i
-        elif move[i][j] == 1:
-            j -= 1
-        else:
-            i -= 1
-    return out
-
-
-def refine_mapper(source_ids: Sequence[int], target_ids: Sequence[int], max_len: int = 77) -> tuple[torch.Tensor, torch.Tensor]:
-    """Refinement alignment of two token-id sequences (with BOS/EOS, unpadded).
-
-    Returns ``(index, keep)``, int64 and float ``[T]``: target token ``j`` takes the stored map of
-    source token ``index[j]`` where ``keep[j] = 1``, and keeps its own map where ``keep[j] = 0`` (a
-    token without a match). Positions past the target prompt map to themselves.
-    """
-    align = _global_align(list(source_ids), list(target_ids))
-    index = torch.arange(max_len)
-    keep = torch.ones(max_len)
-    for j, i in enumerate(align[:max_len]):
-        index[j] = max(i, 0)
-        keep[j] = float(i >= 0)
-    return index, keep
-
-
-# ---------------------------------------------------------------------------------------- blend mask
-def layer_grid(num_tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
-    """The ``(h, w)`` grid of a UNet layer with ``num_tokens`` queries for a latent of ``latent_hw``.
-
-    UNet levels halve the grid (rounding up, as stride-2 convolutions with padding 1 do).
-    """
-    h, w = latent_hw
-    while h * w > num_tokens and (h > 1 or w > 1):
-        h, w = -(-h // 2), -(-w // 2)
-    if h * w != num_tokens:
-        raise ValueError(f"{num_tokens} tokens is no UNet level of a {latent_hw} latent")
-    return h, w
-
-
-def blend_mask_from_maps(
-    cross_maps: Sequence[torch.Tensor],
-    grids: Sequence[tuple[int, int]],
-    token_weights: torch.Tensor,
-    out_hw: tuple[int, int],
-    threshold: float,
-) -> torch.Tensor:
-    """FateZero's self-attention blend mask from the source prompt's cross-attention maps.
-
-    Args:
-        cross_maps: per layer ``[F, H, h*w, T]`` probabilities (all layers on the same grid).
-        grids: ``(h, w)`` of each layer.
-        token_weights: ``[T]``, 1 at the blend words' tokens.
-        out_hw: grid ``(h', w')`` of the self-attention layer the mask is for.
-        threshold: keep where the normalised map is ``> threshold``.
-
-    Returns:
-        float ``[F, 1, h'*w', 1]`` of 0/1 (1 = take the edited self-attention), to broadcast over
-        ``[F, H, Nq, Nk]``. The word maps are summed over the blend tokens, averaged over heads and
-        layers, max-pooled 3×3 (stride 1), resized (nearest) and divided by their per-frame max.
-    """
-    per_layer = []
-    for m, (h, w) in zip(cross_maps, grids):
-        word = (m.float() * token_weights.to(m.device, torch.float32)).sum(-1)  # [F, H, h*w]
-        per_layer.append(word.reshape(word.shape[0], word.shape[1], h, w))
-    maps = torch.cat(per_layer, dim=1).mean(1, keepdim=True)  # [F, 1, h, w]
-    maps = F.max_pool2d(maps, kernel_size=3, stride=1, padding=1)
-    maps = F.interpolate(maps, size=out_hw)
-    peak = maps.amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    mask = (maps / peak).gt(threshold).float()
-    return mask.reshape(mask.shape[0], 1, -1, 1)
-
-
-def blend_layer_names(layers: Sequence["StoredLayer"], rule: str, blend_tokens: int) -> list[str]:
-    """The stored cross-attention layers a blend map averages (``layers`` in forward order).
-
-    ``"reference"``: the official positions among the stored cross layers, down-block ones ``[2:4]``
-    plus up-block ones ``[:3]``; where those are none or lie on different grids, the ``"resolution"``
-    rule (logged once): the stored cross layers whose token count is nearest ``blend_tokens``.
-    """
-    cross = [l for l in layers if l.is_cross]
-    if not cross:
-        raise ValueError("blend_words need stored cross-attention maps; none were stored")
-    if rule == "reference":
-        down = [l for l in cross if l.name.startswith("down_blocks")]
-        up = [l for l in cross if l.name.startswith("up_blocks")]
-        chosen = down[2:4] + up[:3]
-        if chosen and len({l.grid for l in chosen}) == 1:
-            return [l.name for l in chosen]
-        log_once(
-            f"fatezero-blend-layers-{[l.name for l in chosen]}",
-            f"diffattn: FateZero's blend layers (stored down-block cross layers [2:4] + up-block [:3]) are "
-            f"{'none' if not chosen else 'on grids ' + str(sorted({l.grid for l in chosen}))} on this UNet; "
-            "the blend map uses the stored cross layers nearest blend_resolution**2 tokens instead",
-            logging.WARNING,
-        )
-    best = min(abs(l.queries - blend_tokens) for l in cross)
-    return [l.name for l in cross if abs(l.queries - blend_tokens) == best]
-
-
 # --------------------------------------------------------------------------------------------- store
-@dataclass
-class StoredLayer:
-    """Shape record of one stored layer: maps are ``[F, heads, queries, keys]``."""
-
-    name: str
-    is_cross: bool
-    heads: int
-    queries: int
-    keys: int
-    grid: tuple[int, int]
-
-
 @dataclass
 class AttentionStore:
     """Attention maps of every inversion step: ``steps[i][layer] -> [F, H, Nq, Nk]`` (``store_dtype``).
@@ -632,8 +290,11 @@ class FateZeroState:
     """Mutable state shared by the FateZero processors of one UNet.
 
     ``mode``: ``"off"`` (plain dense attention), ``"store"`` (inversion: keep maps of every call) or
-    ``"edit"`` (fuse stored maps into the conditional half). The pipeline sets ``step``, ``num_steps``,
-    ``num_frames``, ``latent_hw`` and ``cfg`` (batch is ``[uncond, cond]``) before each UNet call.
+    ``"edit"`` (fuse stored maps into the conditional half). The pipeline sets ``num_frames`` and
+    ``cfg`` (batch is ``[uncond, cond]``). Installed on a UNet (:func:`fatezero_processors` with
+    ``diffattn.processors.api.install_processors``), ``schedule`` is the UNet's diffattn state: the
+    step and latent grid are those of its schedule, as for every diffattn method. Processors called
+    on their own (no ``schedule``) read ``step`` and ``latent_hw`` set by hand.
     """
 
     def __init__(self, config: FateZeroConfig):
@@ -641,17 +302,42 @@ class FateZeroState:
         self.mode: Literal["off", "store", "edit"] = "off"
         self.store: Optional[AttentionStore] = None
         self.plan: Optional[EditPlan] = None
+        self.schedule: Optional[ModelState] = None
         self.reset()
 
     def reset(self) -> None:
-        self.step = 0
-        self.num_steps = 1
+        self._step = 0
         self.num_frames = 1
-        self.latent_hw: tuple[int, int] = (1, 1)
+        self._latent_hw: tuple[int, int] = (1, 1)
         self.cfg = False
         self._mask_cache: dict[tuple[int, tuple[int, int]], torch.Tensor] = {}
         self._blend_names: Optional[list[str]] = None
         self.target_cross_sum: dict[str, torch.Tensor] = {}
+
+    @property
+    def step(self) -> int:
+        """The denoising (or inversion) step of the current UNet call, and after it until the next."""
+        return self._step if self.schedule is None else max(self.schedule.tracker.step, 0)
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._step = value
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        info = None if self.schedule is None else self.schedule.info
+        return self._latent_hw if info is None or info.grid is None else tuple(info.grid[1:])
+
+    @latent_hw.setter
+    def latent_hw(self, value: tuple[int, int]) -> None:
+        self._latent_hw = value
+
+    def grid(self, num_tokens: int) -> tuple[int, int]:
+        """The ``(h, w)`` grid of a layer with ``num_tokens`` queries."""
+        grid = layer_grid((1, *self.latent_hw), num_tokens, multi_resolution=True)
+        if grid is None:
+            raise ValueError(f"{num_tokens} tokens is no UNet level of a {tuple(self.latent_hw)} latent")
+        return grid[1:]
 
     # -- called by processors -------------------------------------------------------------------
     def temporal_refs(self, channels: int) -> Sequence[FrameRef]:
@@ -663,7 +349,7 @@ class FateZeroState:
         if self.mode == "off" or nq > self.config.max_query_tokens:
             return probs
         if self.mode == "store":
-            grid = layer_grid(nq, self.latent_hw)
+            grid = self.grid(nq)
             self.store.add(self.step, StoredLayer(name, is_cross, heads, nq, probs.shape[-1], grid), probs)
             return probs
         if is_cross and self.plan.latent_target_weights is not None and name in self.blend_names():
@@ -703,7 +389,7 @@ class FateZeroState:
         elif plan.blend_weights is None:
             edited = stored
         else:
-            mask = self.blend_mask(stored_step, layer_grid(current.shape[-2], self.latent_hw))
+            mask = self.blend_mask(stored_step, self.grid(current.shape[-2]))
             mask = mask.to(device=probs.device, dtype=probs.dtype)
             edited = mask * current + (1 - mask) * stored
         return torch.cat([probs[:half], edited], dim=0) if half else edited
@@ -778,35 +464,15 @@ class FateZeroAttnProcessor:
         *args: Any,
         **kwargs: Any,
     ) -> torch.Tensor:
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            b, c, hh, ww = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, hh * ww).transpose(1, 2)
-        batch, seq, _ = hidden_states.shape
+        body = AttentionBody(attn, hidden_states, temb)
+        batch = body.hidden_states.shape[0]
         is_cross = encoder_hidden_states is not None
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
-        context = hidden_states if not is_cross else encoder_hidden_states
-        if is_cross and attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        key, value = attn.to_k(context), attn.to_v(context)
-
-        heads = attn.heads
-        q = query.view(batch, -1, heads, query.shape[-1] // heads).transpose(1, 2)
-        k = key.view(batch, -1, heads, key.shape[-1] // heads).transpose(1, 2)
-        v = value.view(batch, -1, heads, value.shape[-1] // heads).transpose(1, 2)
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
+        q = body.query()
+        k, v = body.key_value(encoder_hidden_states, encoder=True)
 
         state = self.state
-        refs = ("self",) if is_cross else state.temporal_refs(query.shape[-1])
+        heads = attn.heads
+        refs = ("self",) if is_cross else state.temporal_refs(heads * q.shape[-1])
         if tuple(refs) != ("self",):
             if attention_mask is not None:
                 raise ValueError(f"{self.name}: spatial-temporal self-attention does not take an attention_mask")
@@ -816,27 +482,11 @@ class FateZeroAttnProcessor:
         if attention_mask is not None:
             mask = attn.prepare_attention_mask(attention_mask, k.shape[-2], batch)
             scores = scores + mask.view(batch, heads, -1, k.shape[-2]).float()
-        probs = scores.softmax(dim=-1)
-        probs = state.process(self.name, is_cross, heads, probs)
-        out = torch.matmul(probs.to(v.dtype), v)
-        out = out.transpose(1, 2).reshape(batch, -1, heads * v.shape[-1])
-
-        out = attn.to_out[0](out)
-        out = attn.to_out[1](out)
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(b, c, hh, ww)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        probs = state.process(self.name, is_cross, heads, scores.softmax(dim=-1))
+        return body.finish(torch.matmul(probs.to(v.dtype), v))
 
 
-def install(unet: torch.nn.Module, state: FateZeroState) -> dict[str, Any]:
-    """Put a :class:`FateZeroAttnProcessor` on every attention layer; returns the previous processors."""
-    previous = dict(unet.attn_processors)
-    unet.set_attn_processor({name: FateZeroAttnProcessor(name[: -len(".processor")], state) for name in previous})
-    return previous
-
-
-def uninstall(unet: torch.nn.Module, previous: dict[str, Any]) -> None:
-    """Restore the processors returned by :func:`install`."""
-    unet.set_attn_processor(previous)
+def fatezero_processors(unet: torch.nn.Module, state: FateZeroState) -> dict[str, FateZeroAttnProcessor]:
+    """A :class:`FateZeroAttnProcessor` for every attention layer of ``unet``, by processor key (for
+    ``install_processors``)."""
+    return {key: FateZeroAttnProcessor(key[: -len(".processor")], state) for key in unet.attn_processors}

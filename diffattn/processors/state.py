@@ -60,6 +60,9 @@ class StepTracker:
     def __init__(self, scheduler: Any = None, num_steps: int | None = None) -> None:
         self.scheduler = scheduler
         self.default_num_steps = num_steps
+        # Set where the caller batches CFG (IR-Diffusion's [refs..., target] groups): without a
+        # context or scheduler, a repeated timestep is then the next step, not a second branch.
+        self.one_call_per_step = False
         self.generation = 0
         self.reset()
 
@@ -155,7 +158,7 @@ class StepTracker:
             else:
                 step, branch = sched_step, 0
         else:
-            if t is not None and self.last_t is not None and t == self.last_t:
+            if t is not None and self.last_t is not None and t == self.last_t and not self.one_call_per_step:
                 step, branch = self.step, self.branch + 1
             elif t is not None and self.last_t is not None and t > self.last_t:
                 new_gen, step, branch = True, 0, 0
@@ -276,6 +279,8 @@ class ModelState:
     capture_layouts: bool = False
     context: Any = None  # the diffusers CacheContext of the current call (set by the pipeline)
     layers: list[Any] = field(default_factory=list)  # the target attention modules, by layer index
+    originals: dict[str, Any] | None = None  # the processors before diffattn, restored by ``remove``
+    covered: list[dict[str, Any]] = field(default_factory=list)  # processors under later installs, a stack
 
     def __post_init__(self) -> None:
         # The compiled graph names the state by this int (``diffattn::attend``'s ``handle``).
