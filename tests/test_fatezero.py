@@ -20,7 +20,7 @@ pytest.importorskip("diffusers", reason="FateZero edits Diffusers attention modu
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0  # noqa: E402
 
 from diffattn.pipelines import FateZeroPipeline
-from diffattn.pipelines.fatezero import write_video
+from diffattn.pipelines.video_io import write_video
 from diffattn.pipelines.tiny_sd import tiny_sd_pipeline
 from diffattn.processors.fatezero import (
     FateZeroAttnProcessor,
@@ -536,7 +536,7 @@ def test_bad_inputs_fail_clearly(pipe, frames, tmp_path):
 
 
 def test_video_file_roundtrip_and_atomic_write(pipe, frames, tmp_path):
-    path = write_video(np.stack(frames), tmp_path / "in.mp4", fps=4)
+    path = write_video(tmp_path / "in.mp4", np.stack(frames), fps=4)
     assert os.listdir(tmp_path) == ["in.mp4"]  # no temp file left behind
     x = pipe.load_video(path)
     assert x.shape == (F_, 3, PX, PX) and -1 <= x.min() and x.max() <= 1

@@ -7,7 +7,6 @@ half-written file under the final name.
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -42,15 +41,6 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8, quali
     Returns:
         ``Path(path)``.
     """
-    if isinstance(frames, (str, os.PathLike)) and not isinstance(path, (str, os.PathLike)):
-        from ..kernels.api import log_once
-
-        log_once(
-            "write-video-order",
-            "diffattn: write_video(frames, path) is the old argument order; call write_video(path, frames)",
-            logging.WARNING,
-        )
-        path, frames = frames, path
     imageio = _imageio()
     path = Path(path)
     frames = to_uint8(frames)
