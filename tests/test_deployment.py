@@ -4,7 +4,6 @@ on both routes, the user's attention backend, and combinations that must refuse 
 from __future__ import annotations
 
 import copy
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -158,18 +157,6 @@ def test_apply_on_a_compiled_model_patches_the_inner_model():
     assert len(diffattn.stats(compiled)) == 2
     diffattn.remove(compiled)
     assert not isinstance(model.blocks[0].attn1.processor, diffattn.SparseAttnProcessor)
-
-
-def test_context_parallelism_refuses_instead_of_running_dense():
-    model = T.build("wan")
-    diffattn.apply(model, "dense", min_tokens=0)
-    proc = model.blocks[0].attn1.processor
-    with pytest.raises(NotImplementedError, match="context parallelism.*diffattn.remove"):
-        proc._parallel_config = SimpleNamespace()
-    diffattn.remove(model)
-    model._parallel_config = SimpleNamespace(context_parallel_config=SimpleNamespace())
-    with pytest.raises(NotImplementedError, match="context parallelism"):
-        diffattn.apply(model, "dense")
 
 
 def test_adaspa_search_on_a_skipped_step_happens_at_the_next_computed_step():

@@ -276,6 +276,7 @@ class ModelState:
     capture_layouts: bool = False
     context: Any = None  # the diffusers CacheContext of the current call (set by the pipeline)
     layers: list[Any] = field(default_factory=list)  # the target attention modules, by layer index
+    parallel: Any = None  # the model's diffusers ParallelConfig when it was adopted after enable_parallelism
 
     def __post_init__(self) -> None:
         # The compiled graph names the state by this int (``diffattn::attend``'s ``handle``).
