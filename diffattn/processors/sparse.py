@@ -103,39 +103,41 @@ class _EndForward:
         self.state.end_forward()
 
 
-def _context_listener(state: ModelState) -> torch.nn.Module | None:
+def _context_listener(target: Any) -> torch.nn.Module | None:
     """A parameter-free child module whose diffusers ``HookRegistry`` holds a stateful hook, so that
-    ``model.cache_context(name, ...)`` hands its ``CacheContext`` to ``state`` and the pipeline's
-    ``_reset_stateful_cache()`` ends the generation. It lives on a child that is never called because
-    a hook registered on the denoiser itself would wrap its ``forward`` in a closure that a deep copy
-    cannot follow."""
+    ``model.cache_context(name, ...)`` hands its ``CacheContext`` to ``target.context`` (a model state,
+    or a shared processor not yet adopted) and the pipeline's ``_reset_stateful_cache()`` ends the
+    generation. It lives on a child that is never called because a hook registered on the denoiser
+    itself would wrap its ``forward`` in a closure that a deep copy cannot follow."""
     try:
         from diffusers.hooks.hooks import BaseState, HookRegistry, ModelHook, StateManager
     except ImportError:  # pragma: no cover - diffusers without hooks publishes no context
         return None
 
     class _Listener(StateManager):
-        def __init__(self, state: ModelState) -> None:
+        def __init__(self, target: Any) -> None:
             super().__init__(BaseState)
-            self.state = state
+            self.target = target
 
         def set_context(self, context) -> None:
             super().set_context(context)
-            self.state.context = context
+            self.target.context = context
 
     class _ContextHook(ModelHook):
         _is_stateful = True
 
-        def __init__(self, state: ModelState) -> None:
+        def __init__(self, target: Any) -> None:
             super().__init__()
-            self.listener = _Listener(state)
+            self.listener = _Listener(target)
 
         def reset_state(self, module):
-            self.listener.state.tracker.reset()
+            tracker = getattr(self.listener.target, "tracker", None)
+            if tracker is not None:
+                tracker.reset()
             return module
 
     holder = _ContextHolder()
-    HookRegistry.check_if_exists_or_initialize(holder).register_hook(_ContextHook(state), _CONTEXT_HOOK)
+    HookRegistry.check_if_exists_or_initialize(holder).register_hook(_ContextHook(target), _CONTEXT_HOOK)
     return holder
 
 
@@ -275,6 +277,9 @@ def _global_pre_hook(module: torch.nn.Module, args: tuple):
         return None
     if "_diffattn_state" not in module.__dict__:
         state = adopt(module, spec)
+        # The pipeline opened this forward's cache context before the model was known; the shared
+        # processor, a child of the model's attention modules, heard it.
+        state.context = next((p.context for p in found if p.__dict__.get("context") is not None), None)
         if not compiled:
             _install_first_call_probes(module, state)
         log_once(
@@ -538,6 +543,14 @@ class SparseAttnProcessor:
         self.__class__ = _class_with_signature(inner)
         self._prepared = _Prepared(inner) if inner is not None else None
         if inner is None:
+            # A shared processor is a (weightless) module, so that setting it makes it a child of the
+            # model's attention modules: its context hook then hears the pipeline's cache context
+            # before the first forward, which adopts the model.
+            torch.nn.Module.__init__(self)
+            self.context = None
+            holder = _context_listener(self)
+            if holder is not None:
+                self.add_module(_HOLDER, holder)
             _wait_for_model(self)
 
     def __setstate__(self, state: dict) -> None:
@@ -840,7 +853,8 @@ def _class_with_signature(inner: Any) -> type:
         call = types.FunctionType(base.__code__, base.__globals__, "__call__", base.__defaults__, base.__closure__)
         call.__qualname__ = base.__qualname__
         call.__signature__ = _self_first(_known_union_signature() if inner is None else inspect.signature(inner.__call__))
-        cls = type(SparseAttnProcessor.__name__, (SparseAttnProcessor,), {"__call__": call, "__module__": __name__})
+        bases = (SparseAttnProcessor,) if inner is not None else (SparseAttnProcessor, torch.nn.Module)
+        cls = type(SparseAttnProcessor.__name__, bases, {"__call__": call, "__module__": __name__})
         _signed_classes[key] = cls
     return cls
 
