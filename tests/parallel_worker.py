@@ -58,6 +58,26 @@ def schedule(model, kw):
     return outs
 
 
+def uneven_heads(kw) -> str:
+    """Three heads cannot be split over two ranks: the forward must raise (on every rank, before any
+    exchange), not run something else."""
+    from diffusers import ContextParallelConfig, WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=3, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=1, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    ).eval()
+    diffattn.apply(model, "radial", min_tokens=0, block_size=16, backend="torch")
+    model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
+    try:
+        T.run(model, kw)
+    except ValueError as e:
+        return str(e)
+    return "ran"
+
+
 def main() -> None:
     # diffusers places rank r on device `r % torch.accelerator.device_count()`, which divides by zero
     # on a machine without an accelerator; one "device" (the CPU) is what this check runs on.
@@ -98,6 +118,7 @@ def main() -> None:
             "rows": rows,
             "ref_rows": ref_rows,
         }
+    report["refused"] = uneven_heads(kw)
     with open(os.path.join(os.environ["DIFFATTN_CP_OUT"], f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
     dist.destroy_process_group()
