@@ -43,11 +43,21 @@ def cases(calibration: str):
     for i, (name, cfg) in enumerate(methods.items()):
         mode = ("ulysses", "ring")[i % 2]
         order = ("apply-first", "apply-first", "parallel-first", "parallel-first")[i % 4]
-        yield f"{name}/{mode}/{order}", cfg, lambda d=modes[mode]: ContextParallelConfig(**d), order
-    yield "radial/ulysses/processor-route", methods["radial"], lambda: ContextParallelConfig(ulysses_degree=2), "processor"
+        yield f"{name}/{mode}/{order}", cfg, lambda d=modes[mode]: ContextParallelConfig(**d), order, "wan"
+    yield "radial/ulysses/processor-route", methods["radial"], lambda: ContextParallelConfig(ulysses_degree=2), "processor", "wan"
+    # Flux's joint sequence: each rank holds text and image tokens, gathered rank by rank.
+    flux = diffattn.GNAConfig(kernel_size=(1, 3, 3), stride=(1, 1, 1), tile_shape=(1, 2, 8), **b)
+    yield "gna/ring/flux", flux, lambda: ContextParallelConfig(ring_degree=2), "apply-first", "flux"
     # A calibration file holds every head; each rank uses its own heads' orders and masks.
     loaded = methods["paro"].replace(calibration=calibration)
-    yield "paro/ring/calibration-file", loaded, lambda: ContextParallelConfig(ring_degree=2), "parallel-first"
+    yield "paro/ring/calibration-file", loaded, lambda: ContextParallelConfig(ring_degree=2), "parallel-first", "wan"
+
+
+def family_inputs(family: str) -> dict:
+    torch.manual_seed(1)
+    if family == "flux":
+        return T.TINY["flux"].inputs((1, 6, 8), batch=2, text=6)  # 48 image + 6 text tokens
+    return T.inputs("wan", GRID)
 
 
 def schedule(model, kw):
@@ -84,21 +94,24 @@ def main() -> None:
     torch.accelerator.device_count = lambda: 1
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    kw = T.inputs("wan", GRID)
+    kw = family_inputs("wan")
     report = {}
     calibration = os.path.join(os.environ["DIFFATTN_CP_OUT"], f"paro-rank{rank}.pt")
     one = T.build("wan")
-    diffattn.apply(one, next(cfg for n, cfg, _, _ in cases(calibration) if n.startswith("paro/")), min_tokens=0)
+    diffattn.apply(one, next(case[1] for case in cases(calibration) if case[0].startswith("paro/")), min_tokens=0)
     schedule(one, kw)
     diffattn.method_of(one).save_calibration(calibration)
     refs = {}
-    for name, cfg, parallel, order in cases(calibration):
-        if cfg not in refs:
-            ref = T.build("wan")
+    for name, cfg, parallel, order, family in cases(calibration):
+        kw = family_inputs(family)
+        if (cfg, family) not in refs:
+            ref = T.build(family)
             diffattn.apply(ref, cfg, min_tokens=0)
-            refs[cfg] = schedule(ref, kw), [{"step": r["step"], "density": r["density"]} for r in diffattn.stats(ref).rows]
-        want, ref_rows = refs[cfg]
-        model = T.build("wan")
+            refs[cfg, family] = (
+                schedule(ref, kw), [{"step": r["step"], "density": r["density"]} for r in diffattn.stats(ref).rows]
+            )
+        want, ref_rows = refs[cfg, family]
+        model = T.build(family)
         if order == "apply-first":
             diffattn.apply(model, cfg, min_tokens=0)
             model.enable_parallelism(config=parallel())
@@ -118,7 +131,7 @@ def main() -> None:
             "rows": rows,
             "ref_rows": ref_rows,
         }
-    report["refused"] = uneven_heads(kw)
+    report["refused"] = uneven_heads(family_inputs("wan"))
     with open(os.path.join(os.environ["DIFFATTN_CP_OUT"], f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
     dist.destroy_process_group()

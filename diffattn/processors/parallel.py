@@ -8,6 +8,10 @@ runs the method on the full sequence for ``H / W`` heads, exactly what the singl
 computes for those heads. This serves Ulysses, Ring and ring x Ulysses alike; for Ring it replaces
 the key/value rotation, which would hand the planner one key shard at a time.
 
+In a joint text + video sequence (Flux) every rank holds its share of the text and of the video, so
+the gathered sequence interleaves them rank by rank; :func:`joint_order` restores the one-process
+order (text, then video, or the reverse) around the method.
+
 Methods only see their head slice (``AttnContext.heads``). Head-independent plans (dense, radial,
 GNA, pooled agents) need nothing more; per-head state is computed by the rank that owns the head
 (AdaSpa's layouts, PARO's orders), sliced from a loaded file (PARO), or agreed over the group where
@@ -22,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["context_config", "check_parallel", "mode_name", "attend_sharded"]
+__all__ = ["context_config", "check_parallel", "mode_name", "attend_sharded", "joint_order", "head_gatherer"]
 
 
 def context_config(parallel_config: Any) -> Any:
@@ -109,3 +113,28 @@ def head_gatherer(cp: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     """``gather(t)``: a per-head tensor ``[B, H/W, ...]`` of this rank's heads → ``[B, H, ...]`` of all."""
     group = cp._flattened_mesh.get_group()
     return lambda t: _gather(t.contiguous(), 1, group)
+
+
+_ORDERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def joint_order(
+    n: int, text_len: int, cp: Any, text_first: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(order, inverse)``: ``x[..., order, :]`` puts a gathered joint sequence (rank 0's text and
+    video, rank 1's, ...) into the one-process order; ``inverse`` undoes it. Built once per shape."""
+    world = cp._flattened_mesh.size()
+    key = (n, text_len, world, text_first, str(device))
+    hit = _ORDERS.get(key)
+    if hit is not None:
+        return hit
+    if text_len % world or (n - text_len) % world:
+        raise ValueError(
+            f"diffattn under context parallelism needs the {text_len} text and {n - text_len} video tokens "
+            f"each split evenly over {world} ranks; choose a prompt length and resolution divisible by {world}"
+        )
+    lead = text_len // world if text_first else (n - text_len) // world
+    idx = torch.arange(n, device=device).view(world, n // world)
+    order = torch.cat([idx[:, :lead].flatten(), idx[:, lead:].flatten()])
+    hit = _ORDERS[key] = (order, torch.argsort(order))
+    return hit

@@ -54,7 +54,7 @@ from .models import ModelSpec, default_processor, layer_grid, spec_for
 from .ops import attend as _attend_op
 from .ops import begin_forward as _begin_op
 from .ops import set_impl, unregister_state
-from .parallel import attend_sharded, check_parallel, context_config, head_gatherer, mode_name
+from .parallel import attend_sharded, check_parallel, context_config, head_gatherer, joint_order, mode_name
 from .state import ModelState, _timestep_value
 
 __all__ = ["SparseAttnProcessor", "adopt", "release", "state_of"]
@@ -745,12 +745,17 @@ def _attend(
         if text_len < 0:
             grid, text_len = None, 0
     row: dict[str, Any] = {}
-    gather_heads, where = None, {}
+    gather_heads, where, order = None, {}, None
     if heads is not None:
         heads = tuple(int(x) for x in heads)
         cp = context_config(proc._inner_for(attn, state)._parallel_config)
         gather_heads = head_gatherer(cp)
         where = {"parallel": mode_name(cp), "heads": heads[:2]}
+        if text_len:
+            order, inverse = joint_order(n, text_len, cp, spec.text_first, q.device)
+            q, k, v = (x[:, :, order] for x in (q, k, v))
+            if key_padding is not None:
+                key_padding = key_padding[:, order]
     ctx = AttnContext(
         layer=name,
         layer_index=index,
@@ -774,6 +779,8 @@ def _attend(
     )
     with state.timer() as t:
         out = proc.method.attend(q, k, v, ctx)
+    if order is not None:
+        out = out[:, :, inverse]
     _record(state, info, proc, name, time_ms=t.ms, grid=grid, text_len=text_len, **where, **row)
     return out.to(q.dtype)
 
