@@ -21,7 +21,9 @@ Two ways in, one mechanism:
   denoiser's forward to publish step, branch and grid.
 * ``pipe.transformer.set_attn_processor(SparseAttnProcessor(RadialConfig(...)))`` sets one shared
   processor everywhere; it recreates each module's default processor to wrap, and adopts the model
-  (installs the same hooks) at its first forward.
+  (installs the same hooks) at its first forward. The shared processor is a weightless module, so it
+  becomes a child of the attention modules and hears the cache context the pipeline opens around
+  that first forward: the first step already knows the run's step count.
 
 Either way the state lives on the model (``model._diffattn_state``, the hooks are objects pointing to
 it), so ``copy.deepcopy`` gives an independent patched copy. Calls diffattn does not take run on the
