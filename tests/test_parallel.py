@@ -20,7 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_ulysses_and_ring_match_one_process_in_either_order(tmp_path):
-    env = dict(os.environ, DIFFATTN_CP_OUT=str(tmp_path), OMP_NUM_THREADS="1")
+    # The ranks run on the CPU over gloo, also on a machine with a GPU.
+    env = dict(os.environ, DIFFATTN_CP_OUT=str(tmp_path), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "tests", "parallel_worker.py")]
