@@ -167,7 +167,8 @@ class AdaSpaMethod(VideoSparseMethod):
         bs = cfg.block_size
         mass = block_mass(q, k, lse, bs, bs, ctx.scale, cfg.backend)
         mask, info = plan_adaspa(
-            mass, cfg.sparsity, cfg.mode, cfg.head_adaptive, cfg.recall_threshold, cfg.target_recall
+            mass, cfg.sparsity, cfg.mode, cfg.head_adaptive, cfg.recall_threshold, cfg.target_recall,
+            ctx.heads, ctx.gather_heads,
         )
         n = q.shape[2]
         e.layout = BlockSparseLayout.from_block_mask(mask, bs, bs, n, n)

@@ -151,6 +151,10 @@ class AttnContext:
     (HunyuanVideo); ``key_padding`` (bool ``[B, N]``, True = real token) marks padded text keys.
     ``block_input`` is the ``hidden_states`` the layer's UNet transformer block received (``[B, N, C]``,
     before ``norm1``; None elsewhere) and ``latent_grid`` the denoiser's input grid.
+
+    Under context parallelism a rank holds the whole sequence for some heads only: ``heads`` is
+    ``(start, stop, total)`` and ``gather_heads(t)`` turns a per-head tensor ``[B, stop - start, ...]``
+    into ``[B, total, ...]`` over the ranks (for rules that compare heads); both None otherwise.
     """
 
     layer: str = ""
@@ -169,6 +173,8 @@ class AttnContext:
     capture_layouts: bool = False
     block_input: torch.Tensor | None = None
     latent_grid: tuple[int, int, int] | None = None
+    heads: tuple[int, int, int] | None = None
+    gather_heads: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
     record: Callable[..., None] = field(default=lambda **kw: None, repr=False)
 
     @property

@@ -116,7 +116,18 @@ class _Calibration:
     orders: list[str]
     mask: torch.Tensor  # bool [H, Mq, Mk], on CPU
     recall: float = float("nan")
+    shard: tuple[int, int, int] | None = None  # heads (start, stop, total) when calibrated on one rank's heads
     _device_cache: dict = field(default_factory=dict, repr=False)
+
+    def head_slice(self, heads: tuple[int, int, int]) -> "_Calibration":
+        """Heads ``start:stop`` of this calibration (a rank's share under context parallelism), kept."""
+        part = self._device_cache.get(heads)
+        if part is None:
+            start, stop, _ = heads
+            part = self._device_cache[heads] = _Calibration(
+                self.grid, stop - start, self.orders[start:stop], self.mask[start:stop], self.recall, heads
+            )
+        return part
 
     def plan(self, device: torch.device, block: int) -> tuple[torch.Tensor, torch.Tensor, BlockSparseLayout]:
         """Permutations, inverses and the kernel layout on ``device`` (built once per device)."""
@@ -184,6 +195,8 @@ class PAROMethod(VideoSparseMethod):
         key = (ctx.layer, ctx.branch, self.phase(ctx))
         grid = tuple(int(g) for g in ctx.grid)
         c = self.state.entries.get(key)
+        if c is not None and ctx.heads is not None and c.heads == ctx.heads[2] and c.heads != h:
+            c = c.head_slice(ctx.heads)
         if c is not None and (c.grid != grid or c.heads != h):
             if self.state.loaded:
                 raise ValueError(
@@ -226,7 +239,7 @@ class PAROMethod(VideoSparseMethod):
             q, k, lse, grid, cfg.density, cfg.block_size, cfg.orders, cfg.order_recall, ctx.scale, cfg.backend
         )
         recall = float(info["recall"].mean())
-        self.state.entries[key] = _Calibration(grid, q.shape[1], orders, mask.cpu(), recall)
+        self.state.entries[key] = _Calibration(grid, q.shape[1], orders, mask.cpu(), recall, ctx.heads)
         self.state.calibrations += 1
         ctx.record(
             density=1.0, planned_density=float(mask.float().mean()), recall=recall, search=True,
@@ -245,6 +258,11 @@ class PAROMethod(VideoSparseMethod):
             raise ValueError(
                 "nothing to save: no calibration has run yet; run the pipeline past a calibration step "
                 f"(PAROConfig.calibration_steps={list(self.config.calibration_steps)}) first"
+            )
+        if any(c.shard is not None for c in self.state.entries.values()):
+            raise ValueError(
+                "these calibrations cover only this rank's heads (they ran under context parallelism); "
+                "calibrate on one device to save a file, which then loads under context parallelism too"
             )
         entries = [
             {

@@ -26,7 +26,7 @@ Text tokens are not planned here (the method keeps text rows and columns dense).
 from __future__ import annotations
 
 import argparse
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
@@ -118,6 +118,8 @@ def plan_adaspa(
     head_adaptive: bool = True,
     recall_threshold: float = 0.8,
     target_recall: float = 0.95,
+    heads: tuple[int, int, int] | None = None,
+    gather_heads: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Block mask ``[B, H, Mq, Mk]`` from block masses ``[B, H, Mq, Mk]``.
 
@@ -128,6 +130,9 @@ def plan_adaspa(
         head_adaptive: redistribute sparsity across heads by recall (``mode="topk"`` only).
         recall_threshold: recall above which a head counts as easy in the head-adaptive rule.
         target_recall: mass each row must keep in ``mode="recall"``.
+        heads, gather_heads: when ``mass`` holds heads ``start:stop`` of ``total`` (context
+            parallelism), the head-adaptive rule ranks the recalls of all heads, gathered by
+            ``gather_heads``, and keeps its own heads' share.
 
     Returns:
         ``mask`` and ``info`` with ``"sparsity"`` ``[B, H]`` (per-head planned sparsity),
@@ -147,7 +152,12 @@ def plan_adaspa(
     base = torch.full((b, h), float(sparsity), dtype=torch.float64, device=mass.device)
     if head_adaptive:
         base_mask = topk_block_mask(mass, blocks_for_sparsity(base, mk))
-        per_head = head_adaptive_sparsity(block_recall(mass, base_mask), sparsity, recall_threshold)
+        recall = block_recall(mass, base_mask)
+        if heads is not None:
+            recall = gather_heads(recall)
+        per_head = head_adaptive_sparsity(recall, sparsity, recall_threshold)
+        if heads is not None:
+            per_head = per_head[:, heads[0] : heads[1]]
     else:
         per_head = base
     mask = topk_block_mask(mass, blocks_for_sparsity(per_head, mk))

@@ -10,7 +10,8 @@ import torch
 
 from ..methods import MethodConfig, get_method_class, make_config
 from .models import ModelSpec, spec_for, supported_models
-from .sparse import DEFAULT_MIN_TOKENS, SparseAttnProcessor, _parallel_message, adopt, release, state_of
+from .parallel import check_parallel, context_config
+from .sparse import DEFAULT_MIN_TOKENS, SparseAttnProcessor, adopt, release, state_of
 from .state import ModelState, Stats
 
 __all__ = [
@@ -124,9 +125,7 @@ def apply(
                 "To run anyway, describe it with spec=diffattn.ModelSpec(...) (which modules are "
                 "self-attention, where text sits, how the grid follows from the inputs)."
             )
-        parallel = getattr(model, "_parallel_config", None)
-        if getattr(parallel, "context_parallel_config", None) is not None:
-            raise NotImplementedError(_parallel_message(parallel.context_parallel_config))
+        check_parallel(cfg, context_config(getattr(model, "_parallel_config", None)))
         plans.append((comp, model, model_spec))
     for _, model, _ in plans:
         _remove_model(model)

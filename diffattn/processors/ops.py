@@ -4,7 +4,8 @@ Under ``torch.compile`` the processor's Python around the attention call is trac
 itself (step schedule, planning, layout caches, searches, calibration, statistics rows) must run on
 the host at run time with real tensors, and nothing it decides may become a Dynamo guard. So the
 traced code only calls this operator with ``q, k, v`` (SDPA layout), the optional attention mask and
-block input, and two static ints: the model state's handle and the layer index. At run time the
+block input, two static ints: the model state's handle and the layer index, and under context
+parallelism the static head range the rank holds. At run time the
 operator finds the model state and runs the layer's method eagerly. The denoiser's forward pre-hook
 is traced too; compiled, it calls ``diffattn::begin_forward``, which advances the schedule at run
 time (step, branch and step count from the pipeline's cache context or the timestep) and returns an
@@ -85,10 +86,11 @@ def attend(
     handle: int,
     layer: int,
     token: Optional[torch.Tensor],
+    heads: Optional[list[int]] = None,
 ) -> torch.Tensor:
     state = state_for(handle)
     attn = state.layers[layer]
-    out = _impl(state, attn, attn.processor, q, k, v, attn_mask, block_input, scale, enable_gqa)
+    out = _impl(state, attn, attn.processor, q, k, v, attn_mask, block_input, scale, enable_gqa, heads)
     # An operator's output may not alias its inputs (a method may hand back a view of one), and its
     # strides must be those the fake implementation states (contiguous).
     inputs = {t.untyped_storage().data_ptr() for t in (q, k, v)}
@@ -96,5 +98,5 @@ def attend(
 
 
 @attend.register_fake
-def _attend_fake(q, k, v, attn_mask, block_input, scale, enable_gqa, handle, layer, token):
+def _attend_fake(q, k, v, attn_mask, block_input, scale, enable_gqa, handle, layer, token, heads=None):
     return q.new_empty(*q.shape[:-1], v.shape[-1])

@@ -21,12 +21,14 @@ Two ways in, one mechanism:
   denoiser's forward to publish step, branch and grid.
 * ``pipe.transformer.set_attn_processor(SparseAttnProcessor(RadialConfig(...)))`` sets one shared
   processor everywhere; it recreates each module's default processor to wrap, and adopts the model
-  (installs the same hooks) at its first forward.
+  (installs the same hooks) at its first forward. The shared processor is a weightless module, so it
+  becomes a child of the attention modules and hears the cache context the pipeline opens around
+  that first forward: the first step already knows the run's step count.
 
 Either way the state lives on the model (``model._diffattn_state``, the hooks are objects pointing to
 it), so ``copy.deepcopy`` gives an independent patched copy. Calls diffattn does not take run on the
-user's diffusers attention backend. Context parallelism is refused (it would shard the sequence the
-methods plan on).
+user's diffusers attention backend. Under diffusers context parallelism the layer re-shards by heads
+(see :mod:`.parallel`), so each rank runs the method on the whole sequence for its heads.
 
 >>> import diffattn  # doctest: +SKIP
 >>> pipe.transformer.set_attn_processor(diffattn.SparseAttnProcessor(diffattn.DenseConfig()))  # doctest: +SKIP
@@ -54,6 +56,7 @@ from .models import ModelSpec, default_processor, layer_grid, spec_for
 from .ops import attend as _attend_op
 from .ops import begin_forward as _begin_op
 from .ops import set_impl, unregister_state
+from .parallel import attend_sharded, check_parallel, context_config, head_gatherer, joint_order, mode_name
 from .state import ModelState, _timestep_value
 
 __all__ = ["SparseAttnProcessor", "adopt", "release", "state_of"]
@@ -102,39 +105,41 @@ class _EndForward:
         self.state.end_forward()
 
 
-def _context_listener(state: ModelState) -> torch.nn.Module | None:
+def _context_listener(target: Any) -> torch.nn.Module | None:
     """A parameter-free child module whose diffusers ``HookRegistry`` holds a stateful hook, so that
-    ``model.cache_context(name, ...)`` hands its ``CacheContext`` to ``state`` and the pipeline's
-    ``_reset_stateful_cache()`` ends the generation. It lives on a child that is never called because
-    a hook registered on the denoiser itself would wrap its ``forward`` in a closure that a deep copy
-    cannot follow."""
+    ``model.cache_context(name, ...)`` hands its ``CacheContext`` to ``target.context`` (a model state,
+    or a shared processor not yet adopted) and the pipeline's ``_reset_stateful_cache()`` ends the
+    generation. It lives on a child that is never called because a hook registered on the denoiser
+    itself would wrap its ``forward`` in a closure that a deep copy cannot follow."""
     try:
         from diffusers.hooks.hooks import BaseState, HookRegistry, ModelHook, StateManager
     except ImportError:  # pragma: no cover - diffusers without hooks publishes no context
         return None
 
     class _Listener(StateManager):
-        def __init__(self, state: ModelState) -> None:
+        def __init__(self, target: Any) -> None:
             super().__init__(BaseState)
-            self.state = state
+            self.target = target
 
         def set_context(self, context) -> None:
             super().set_context(context)
-            self.state.context = context
+            self.target.context = context
 
     class _ContextHook(ModelHook):
         _is_stateful = True
 
-        def __init__(self, state: ModelState) -> None:
+        def __init__(self, target: Any) -> None:
             super().__init__()
-            self.listener = _Listener(state)
+            self.listener = _Listener(target)
 
         def reset_state(self, module):
-            self.listener.state.tracker.reset()
+            tracker = getattr(self.listener.target, "tracker", None)
+            if tracker is not None:
+                tracker.reset()
             return module
 
     holder = _ContextHolder()
-    HookRegistry.check_if_exists_or_initialize(holder).register_hook(_ContextHook(state), _CONTEXT_HOOK)
+    HookRegistry.check_if_exists_or_initialize(holder).register_hook(_ContextHook(target), _CONTEXT_HOOK)
     return holder
 
 
@@ -179,6 +184,11 @@ def adopt(
     targets = [(n, m) for n, m in _attention_modules(model) if spec.is_target(n)]
     state.num_layers = len(targets)
     state.forward_params = tuple(inspect.signature(model.forward).parameters)
+    parallel = getattr(model, "_parallel_config", None)
+    if context_config(parallel) is not None:
+        state.parallel = parallel
+        for proc in {m.processor for _, m in _attention_modules(model) if isinstance(m.processor, SparseAttnProcessor)}:
+            check_parallel(proc.config, context_config(parallel))
     for _, module in _attention_modules(model):
         module._diffattn_state = state
         module._diffattn_layer = None
@@ -269,6 +279,9 @@ def _global_pre_hook(module: torch.nn.Module, args: tuple):
         return None
     if "_diffattn_state" not in module.__dict__:
         state = adopt(module, spec)
+        # The pipeline opened this forward's cache context before the model was known; the shared
+        # processor, a child of the model's attention modules, heard it.
+        state.context = next((p.context for p in found if p.__dict__.get("context") is not None), None)
         if not compiled:
             _install_first_call_probes(module, state)
         log_once(
@@ -338,7 +351,12 @@ def _dispatch_hook(
 
     handler = _current.handler
     out = None
-    if handler is not None and not attention_kwargs and parallel_config is None:
+    cp = context_config(parallel_config)
+    if handler is not None and not attention_kwargs and cp is not None:
+        out = attend_sharded(handler, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, cp)
+        if out is not None:
+            return out
+    elif handler is not None and not attention_kwargs and parallel_config is None:
         mask = attn_mask
         if mask is not None and mask.ndim == 2 and mask.shape[0] == query.shape[0] and mask.shape[1] == key.shape[1]:
             mask = mask[:, None, None]  # [B, Nk] key mask, as diffusers' native backend reads it
@@ -527,6 +545,14 @@ class SparseAttnProcessor:
         self.__class__ = _class_with_signature(inner)
         self._prepared = _Prepared(inner) if inner is not None else None
         if inner is None:
+            # A shared processor is a (weightless) module, so that setting it makes it a child of the
+            # model's attention modules: its context hook then hears the pipeline's cache context
+            # before the first forward, which adopts the model.
+            torch.nn.Module.__init__(self)
+            self.context = None
+            holder = _context_listener(self)
+            if holder is not None:
+                self.add_module(_HOLDER, holder)
             _wait_for_model(self)
 
     def __setstate__(self, state: dict) -> None:
@@ -552,8 +578,7 @@ class SparseAttnProcessor:
 
     @_parallel_config.setter
     def _parallel_config(self, value):
-        if value is not None:
-            raise NotImplementedError(_parallel_message(value))
+        check_parallel(self.config, context_config(value))
         self._parallel = value
         if hasattr(self.inner, "_parallel_config"):
             self.inner._parallel_config = value
@@ -572,6 +597,11 @@ class SparseAttnProcessor:
             attn._diffattn_prepared = _Prepared(inner)
         if hasattr(inner, "_attention_backend"):
             inner._attention_backend = self._backend
+        if self.inner is None and hasattr(inner, "_parallel_config"):
+            # A default processor made here must shard like the model (enable_parallelism before or after).
+            inner._parallel_config = self._parallel if self._parallel is not None else (
+                state.parallel if state is not None else None
+            )
         return inner
 
     def __repr__(self) -> str:
@@ -619,14 +649,6 @@ class SparseAttnProcessor:
                 inner._attention_backend = saved
 
 
-def _parallel_message(config: Any) -> str:
-    return (
-        "diffattn does not run under diffusers context parallelism yet "
-        f"({type(config).__name__}); its sparse attention would be skipped or wrong on the sharded "
-        "sequence. Call diffattn.remove(...) before enable_parallelism(...), or run diffattn on one device."
-    )
-
-
 def _user_backend(processor_backend: Any) -> Any:
     """The diffusers attention backend the user chose: the module's (``set_attention_backend``) or the
     active ``attention_backend(...)`` context's; None for the native default."""
@@ -649,22 +671,29 @@ class _Handler:
     def passthrough(self, func, args, kwargs):
         return _passthrough(self.proc, func, args, kwargs)
 
-    def attend(self, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    def takes(self, n: int, dropout_p: Any, is_causal: bool) -> bool:
+        """Whether diffattn runs a self-attention call over ``n`` tokens with these flags."""
+        return not is_causal and float(dropout_p or 0.0) == 0.0 and n >= self.proc.min_tokens
+
+    def attend(self, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, heads=None):
         """The method's output for SDPA-layout ``q, k, v``, or None for a call diffattn does not take.
 
+        ``heads`` = (start, stop, total) when ``q`` holds only those heads of a context-parallel layer.
         Only shapes and flags are read here (static under compile); everything that depends on the
         step or on tensor values happens in :func:`_attend`, behind ``diffattn::attend`` when compiling.
         """
         n = q.shape[-2]
-        if is_causal or float(dropout_p or 0.0) > 0.0 or k.shape[-2] != n or n < self.proc.min_tokens:
+        if k.shape[-2] != n or not self.takes(n, dropout_p, is_causal):
             return None
         block_input = block_input_of(self.attn)
         if torch.compiler.is_compiling():
             return _attend_op(
                 q, k, v, attn_mask, block_input, scale, bool(enable_gqa), self.state.handle, self.entry[1],
-                self.state.__dict__.get("token"),
+                self.state.__dict__.get("token"), None if heads is None else list(heads),
             )
-        return _attend(self.state, self.attn, self.proc, q, k, v, attn_mask, block_input, scale, enable_gqa)
+        return _attend(
+            self.state, self.attn, self.proc, q, k, v, attn_mask, block_input, scale, enable_gqa, heads
+        )
 
 
 def _passthrough(proc: SparseAttnProcessor, func, args, kwargs):
@@ -684,8 +713,12 @@ def _passthrough(proc: SparseAttnProcessor, func, args, kwargs):
     return out.transpose(1, 2)
 
 
-def _attend(state: ModelState, attn, proc: SparseAttnProcessor, q, k, v, attn_mask, block_input, scale, enable_gqa):
-    """Run the layer's method on one attention call, with the current forward's step and grid."""
+def _attend(
+    state: ModelState, attn, proc: SparseAttnProcessor, q, k, v, attn_mask, block_input, scale, enable_gqa,
+    heads=None,
+):
+    """Run the layer's method on one attention call, with the current forward's step and grid
+    (``heads``: this rank's (start, stop, total) heads under context parallelism)."""
     b, h, n, _ = q.shape
     name, index = attn.__dict__["_diffattn_layer"]
     info = state.info
@@ -714,6 +747,17 @@ def _attend(state: ModelState, attn, proc: SparseAttnProcessor, q, k, v, attn_ma
         if text_len < 0:
             grid, text_len = None, 0
     row: dict[str, Any] = {}
+    gather_heads, where, order = None, {}, None
+    if heads is not None:
+        heads = tuple(int(x) for x in heads)
+        cp = context_config(proc._inner_for(attn, state)._parallel_config)
+        gather_heads = head_gatherer(cp)
+        where = {"parallel": mode_name(cp), "heads": heads[:2]}
+        if text_len:
+            order, inverse = joint_order(n, text_len, cp, spec.text_first, q.device)
+            q, k, v = (x[:, :, order] for x in (q, k, v))
+            if key_padding is not None:
+                key_padding = key_padding[:, order]
     ctx = AttnContext(
         layer=name,
         layer_index=index,
@@ -731,11 +775,15 @@ def _attend(state: ModelState, attn, proc: SparseAttnProcessor, q, k, v, attn_ma
         capture_layouts=state.capture_layouts,
         block_input=block_input,
         latent_grid=info.grid,
+        heads=heads,
+        gather_heads=gather_heads,
         record=row.update,
     )
     with state.timer() as t:
         out = proc.method.attend(q, k, v, ctx)
-    _record(state, info, proc, name, time_ms=t.ms, grid=grid, text_len=text_len, **row)
+    if order is not None:
+        out = out[:, :, inverse]
+    _record(state, info, proc, name, time_ms=t.ms, grid=grid, text_len=text_len, **where, **row)
     return out.to(q.dtype)
 
 
@@ -814,7 +862,8 @@ def _class_with_signature(inner: Any) -> type:
         call = types.FunctionType(base.__code__, base.__globals__, "__call__", base.__defaults__, base.__closure__)
         call.__qualname__ = base.__qualname__
         call.__signature__ = _self_first(_known_union_signature() if inner is None else inspect.signature(inner.__call__))
-        cls = type(SparseAttnProcessor.__name__, (SparseAttnProcessor,), {"__call__": call, "__module__": __name__})
+        bases = (SparseAttnProcessor,) if inner is not None else (SparseAttnProcessor, torch.nn.Module)
+        cls = type(SparseAttnProcessor.__name__, bases, {"__call__": call, "__module__": __name__})
         _signed_classes[key] = cls
     return cls
 

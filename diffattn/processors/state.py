@@ -281,6 +281,7 @@ class ModelState:
     layers: list[Any] = field(default_factory=list)  # the target attention modules, by layer index
     originals: dict[str, Any] | None = None  # the processors before diffattn, restored by ``remove``
     covered: list[dict[str, Any]] = field(default_factory=list)  # processors under later installs, a stack
+    parallel: Any = None  # the model's diffusers ParallelConfig when it was adopted after enable_parallelism
 
     def __post_init__(self) -> None:
         # The compiled graph names the state by this int (``diffattn::attend``'s ``handle``).

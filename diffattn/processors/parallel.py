@@ -1,0 +1,140 @@
+"""diffattn under diffusers context parallelism (``model.enable_parallelism(ContextParallelConfig(...))``).
+
+Context parallelism shards the sequence: each rank holds ``N / W`` tokens of every head. diffattn's
+planners need the whole sequence (the latent grid, the video tokens' positions, a search over all
+query and key blocks), so a patched layer re-shards by heads over the whole context-parallel group
+(one all-to-all for ``q, k, v`` and one back for the output, the Ulysses exchange): every rank then
+runs the method on the full sequence for ``H / W`` heads, exactly what the single-process method
+computes for those heads. This serves Ulysses, Ring and ring x Ulysses alike; for Ring it replaces
+the key/value rotation, which would hand the planner one key shard at a time.
+
+In a joint text + video sequence (Flux) every rank holds its share of the text and of the video, so
+the gathered sequence interleaves them rank by rank; :func:`joint_order` restores the one-process
+order (text, then video, or the reverse) around the method.
+
+Methods only see their head slice (``AttnContext.heads``). Head-independent plans (dense, radial,
+GNA, pooled agents) need nothing more; per-head state is computed by the rank that owns the head
+(AdaSpa's layouts, PARO's orders), sliced from a loaded file (PARO), or agreed over the group where
+the rule couples heads (AdaSpa's head-adaptive sparsity gathers every head's recall through
+``AttnContext.gather_heads``). Combinations that cannot be served exactly raise when the method
+meets the parallel config (``apply`` or ``enable_parallelism``, whichever comes second).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["context_config", "check_parallel", "mode_name", "attend_sharded", "joint_order", "head_gatherer"]
+
+
+def context_config(parallel_config: Any) -> Any:
+    """The ``ContextParallelConfig`` of a diffusers ``ParallelConfig`` (None without one)."""
+    return getattr(parallel_config, "context_parallel_config", None)
+
+
+def mode_name(cp: Any) -> str:
+    ring, ulysses = int(cp.ring_degree or 1), int(cp.ulysses_degree or 1)
+    if ring > 1 and ulysses > 1:
+        return f"ring{ring}xulysses{ulysses}"
+    return f"ring{ring}" if ring > 1 else f"ulysses{ulysses}"
+
+
+def check_parallel(config: Any, cp: Any) -> None:
+    """Raise ``NotImplementedError`` naming the combination if ``config``'s method cannot run exactly
+    under the context-parallel config ``cp``."""
+    if cp is None:
+        return
+    method = getattr(config, "method", "")
+    what = f"diffattn method {method!r} under context parallelism ({mode_name(cp)})"
+    if getattr(cp, "ulysses_anything", False) or getattr(cp, "ring_anything", False):
+        raise NotImplementedError(
+            f"{what} with ulysses_anything/ring_anything: diffattn splits heads and sequence evenly over "
+            "the ranks. Use ContextParallelConfig(ulysses_degree=... or ring_degree=...) without the "
+            "*_anything flags, with a token count and head count divisible by the degree."
+        )
+    if method == "tome" or (method == "agent" and getattr(config, "layout", "dit") != "dit"):
+        raise NotImplementedError(
+            f"{what}: it merges tokens by the UNet block input, which context parallelism shards. Run it "
+            "on one device, or use AgentConfig(layout='dit') on a transformer."
+        )
+
+
+def attend_sharded(
+    handler: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+    cp: Any,
+) -> torch.Tensor | None:
+    """The method's output ``[B, N/W, H, D]`` for this rank's shard ``query, key, value``
+    ``[B, N/W, H, D]`` (diffusers' layout), or None for a call diffattn does not take."""
+    from diffusers.models.attention_dispatch import _all_to_all_dim_exchange
+
+    group = cp._flattened_mesh.get_group()
+    world = torch.distributed.get_world_size(group)
+    rank = torch.distributed.get_rank(group)
+    b, s, h, d = query.shape
+    if key.shape[1] != s or key.shape[2] != h or not handler.takes(s * world, dropout_p, is_causal):
+        return None
+    if h % world:
+        raise ValueError(
+            f"diffattn under context parallelism splits the {h} attention heads over {world} ranks; use a "
+            f"degree that divides {h}"
+        )
+    q, k, v = (_all_to_all_dim_exchange(x.contiguous(), 2, 1, group) for x in (query, key, value))
+    if attn_mask is not None and attn_mask.shape[-1] == s:
+        attn_mask = _gather(attn_mask.contiguous(), attn_mask.ndim - 1, group)
+    if attn_mask is not None and attn_mask.ndim == 2:
+        attn_mask = attn_mask[:, None, None]  # [B, Nk] key mask, as diffusers' native backend reads it
+    local = h // world
+    heads = (rank * local, (rank + 1) * local, h)
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    out = handler.attend(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, heads=heads)
+    return _all_to_all_dim_exchange(out.transpose(1, 2).contiguous(), 1, 2, group)
+
+
+def _gather(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
+    import torch.distributed._functional_collectives as funcol
+
+    out = funcol.all_gather_tensor(x, gather_dim=dim, group=group)
+    if isinstance(out, funcol.AsyncCollectiveTensor):
+        out = out.wait()
+    return out
+
+
+def head_gatherer(cp: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``gather(t)``: a per-head tensor ``[B, H/W, ...]`` of this rank's heads → ``[B, H, ...]`` of all."""
+    group = cp._flattened_mesh.get_group()
+    return lambda t: _gather(t.contiguous(), 1, group)
+
+
+_ORDERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def joint_order(
+    n: int, text_len: int, cp: Any, text_first: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(order, inverse)``: ``x[..., order, :]`` puts a gathered joint sequence (rank 0's text and
+    video, rank 1's, ...) into the one-process order; ``inverse`` undoes it. Built once per shape."""
+    world = cp._flattened_mesh.size()
+    key = (n, text_len, world, text_first, str(device))
+    hit = _ORDERS.get(key)
+    if hit is not None:
+        return hit
+    if text_len % world or (n - text_len) % world:
+        raise ValueError(
+            f"diffattn under context parallelism needs the {text_len} text and {n - text_len} video tokens "
+            f"each split evenly over {world} ranks; choose a prompt length and resolution divisible by {world}"
+        )
+    lead = text_len // world if text_first else (n - text_len) // world
+    idx = torch.arange(n, device=device).view(world, n // world)
+    order = torch.cat([idx[:, :lead].flatten(), idx[:, lead:].flatten()])
+    hit = _ORDERS[key] = (order, torch.argsort(order))
+    return hit
