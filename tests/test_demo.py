@@ -17,10 +17,11 @@ pytest.importorskip("gradio", reason="the demo needs the 'demo' extra: pip insta
 
 from diffattn.apps import demo as D  # noqa: E402
 from diffattn.methods import get_method_class  # noqa: E402
-from diffattn.pipelines.metrics import psnr, ssim  # noqa: E402
 from diffattn.pipelines.tiny import build_tiny_pipeline  # noqa: E402
 from diffattn.pipelines.video_io import read_video  # noqa: E402
 from diffattn.processors.sparse import SparseAttnProcessor  # noqa: E402
+
+from .video_reference import psnr_reference, ssim_loop  # noqa: E402
 
 PROMPT = "a red circle moving left on a blue background"
 SMALL = dict(seed=0, frames=5, height=32, width=32, steps=2)
@@ -216,13 +217,28 @@ def test_generation_dense_side_is_the_models_own_attention(result, pipe):
     np.testing.assert_array_equal(result.dense_frames, out)
 
 
+def test_generation_sparse_side_is_the_method(result, pipe, runner):
+    import diffattn
+
+    diffattn.apply(pipe, runner.request(PROMPT, "adaspa", ADASPA, **SMALL).config, min_tokens=0)
+    try:
+        out = pipe(PROMPT, num_frames=5, height=32, width=32, num_inference_steps=2,
+                   generator=torch.Generator().manual_seed(0)).frames[0]
+    finally:
+        diffattn.remove(pipe)
+    np.testing.assert_array_equal(result.sparse_frames, out)
+
+
 def test_generation_outputs(result):
     for path in (result.dense_video, result.sparse_video):
         assert path.parent == result.dir
         video = read_video(path)
         assert video.shape == (5, 32, 32, 3) and video.dtype == np.uint8
-    assert result.psnr == psnr(result.sparse_frames, result.dense_frames)
-    assert result.ssim == ssim(result.sparse_frames, result.dense_frames)
+    # the metrics compare the method's video with the dense one (by definition, not by the same code)
+    assert not np.array_equal(result.sparse_frames, result.dense_frames)
+    assert result.psnr == pytest.approx(psnr_reference(result.sparse_frames, result.dense_frames), rel=1e-9)
+    assert result.ssim == pytest.approx(ssim_loop(result.sparse_frames, result.dense_frames), abs=1e-9)
+    assert 0 < result.ssim < 1 and 0 < result.psnr < 100
     m = result.metrics()
     for key in ("dense_s", "sparse_s", "speedup", "psnr", "ssim", "density"):
         assert isinstance(m[key], float) and np.isfinite(m[key]), (key, m[key])
