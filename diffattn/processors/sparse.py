@@ -733,9 +733,9 @@ def _attend(state: ModelState, attn, proc: SparseAttnProcessor, q, k, v, attn_ma
         latent_grid=info.grid,
         record=row.update,
     )
-    with state.timer() as t:
+    with state.timer(q.device) as t:
         out = proc.method.attend(q, k, v, ctx)
-    _record(state, info, proc, name, time_ms=t.ms, grid=grid, text_len=text_len, **row)
+    _record(state, info, proc, name, time_ms=t, grid=grid, text_len=text_len, **row)
     return out.to(q.dtype)
 
 
