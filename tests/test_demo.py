@@ -96,14 +96,14 @@ def test_controls_start_at_the_config_defaults(method):
     for s in specs:
         assert s.info, f"{method}.{s.name} has no description in the config docstring"
     # the controls' initial values parse back into exactly the default config
-    assert D.make_config(method, {s.name: s.default for s in specs}) == cls()
+    assert D.parse_controls(method, {s.name: s.default for s in specs}) == cls()
 
 
 def test_free_text_fields_are_not_offered():
     # PARO's calibration is a file path: the browser must not name files on the server
     assert D.method_fields("paro")[1] == ["calibration"]
     with pytest.raises(ValueError, match="calibration"):
-        D.make_config("paro", {"calibration": "/etc/passwd"})
+        D.parse_controls("paro", {"calibration": "/etc/passwd"})
 
 
 def test_demo_methods_are_the_sparse_video_methods():
@@ -116,13 +116,13 @@ def test_descriptions_come_from_the_docstrings():
     assert "Paper: 0.8 (keep 20%)" in info["sparsity"]
 
 
-def test_make_config_parses_control_values():
-    cfg = D.make_config("gna", {"kernel_size": "3, 4,4", "stride": "1,2, 2", "is_causal": "true, false, no",
+def test_parse_controls_reads_control_values():
+    cfg = D.parse_controls("gna", {"kernel_size": "3, 4,4", "stride": "1,2, 2", "is_causal": "true, false, no",
                                 "dense_steps": 2.0})
     assert cfg.kernel_size == (3, 4, 4) and cfg.is_causal == (True, False, False) and cfg.dense_steps == 2
-    cfg = D.make_config("paro", {"qk_bits": "8", "pv_bits": "", "orders": "FHW, HWF"})
+    cfg = D.parse_controls("paro", {"qk_bits": "8", "pv_bits": "", "orders": "FHW, HWF"})
     assert cfg.qk_bits == 8 and cfg.pv_bits is None and cfg.orders == ("FHW", "HWF")
-    assert D.make_config("adaspa", {"search_steps": "(3, 7)"}).search_steps == (3, 7)
+    assert D.parse_controls("adaspa", {"search_steps": "(3, 7)"}).search_steps == (3, 7)
 
 
 @pytest.mark.parametrize(
@@ -141,9 +141,9 @@ def test_make_config_parses_control_values():
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )
-def test_make_config_rejects_bad_values_with_a_clear_message(method, values, message):
+def test_parse_controls_rejects_bad_values_with_a_clear_message(method, values, message):
     with pytest.raises(ValueError, match=message):
-        D.make_config(method, values)
+        D.parse_controls(method, values)
 
 
 # -------------------------------------------------------------------------------------------- limits

@@ -209,7 +209,7 @@ class Comparer:
             if self._installed is not None:
                 remove(self.pipe)
                 self._installed = self.config = None
-            self.config = apply(self.pipe, method, dict(config or {}), **options)
+            self.config = apply(self.pipe, method, dict(config) if config else None, **options)
             self._installed = key
         return self.config
 
