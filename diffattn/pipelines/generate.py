@@ -7,9 +7,8 @@ PSNR/SSIM(/LPIPS) vs dense, software versions and device. ``seconds`` holds ``to
 pipeline call, device-synchronised at its ends), ``transformer`` (inside the denoiser's forwards) and
 ``attention`` (inside the method's attention calls); on a GPU the last two are device time from CUDA
 events, on a CPU host time (:mod:`diffattn.pipelines.compare`, which runs every generation here).
-A failing item
-is recorded with its error and the batch goes on; ``--resume`` skips items already reported with
-their file present; Ctrl-C leaves no partial files.
+A failing item is recorded with its error and the batch goes on; ``--resume`` skips items already
+reported with their file present; Ctrl-C leaves no partial files.
 
 Under ``accelerate launch`` the prompts are split round-robin by process index, each process appends
 to its own ``report.shard-<i>-of-<n>.jsonl``, and the main process merges the shards into
@@ -39,17 +38,17 @@ from .report import (
     REPORT,
     SUMMARY,
     OutputFolderError,
-    _append_jsonl,
-    _check_out,
-    _clear_run,
-    _completed,
-    _item_key,
-    _read_jsonl,
-    _shard_name,
-    _write_run,
+    append_jsonl,
+    check_out,
+    clear_run,
+    completed,
     format_table,
+    item_key,
     merge_reports,
+    read_jsonl,
+    shard_name,
     summarize,
+    write_run,
 )
 from .tiny.data import DEFAULT_PROMPTS as DEFAULT_TINY_PROMPTS
 
@@ -194,7 +193,6 @@ def _processes(want_cpu: bool) -> _Procs:
     return _Procs(state.process_index, state.num_processes, state.local_process_index, state.device, state)
 
 
-
 def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
@@ -337,22 +335,22 @@ def run(opts: GenerateOptions) -> int:
     out = Path(opts.out)
     want_cpu = opts.device is not None and torch.device(opts.device).type == "cpu"
     procs = _processes(want_cpu)
-    _check_out(out, opts)  # every process, before any of them changes the folder
+    check_out(out, opts)  # every process, before any of them changes the folder
     procs.barrier()
     if procs.is_main:
         for stale in out.glob(".*.partial*"):
             stale.unlink(missing_ok=True)  # left by a killed process (Ctrl-C cleans its own)
         if opts.overwrite:
-            _clear_run(out)
-        _write_run(out, opts)
+            clear_run(out)
+        write_run(out, opts)
         previous = merge_reports(out)
     procs.barrier()
     if not procs.is_main:
-        previous = _read_jsonl(out / REPORT)
-    done = _completed(out, previous) if opts.resume else set()
+        previous = read_jsonl(out / REPORT)
+    done = completed(out, previous) if opts.resume else set()
     mine = [it for it in items if it.index % procs.count == procs.index]
-    todo = [it for it in mine if _item_key(it.index, it.prompt, opts.method, opts.config) not in done]
-    report = out / (REPORT if procs.count == 1 else _shard_name(procs.index, procs.count))
+    todo = [it for it in mine if item_key(it.index, it.prompt, opts.method, opts.config) not in done]
+    report = out / (REPORT if procs.count == 1 else shard_name(procs.index, procs.count))
     skipped = len(mine) - len(todo)
     if skipped:
         print(f"[process {procs.index}] --resume: {skipped} item(s) already done, {len(todo)} to go", file=sys.stderr)
@@ -368,7 +366,7 @@ def run(opts: GenerateOptions) -> int:
                 raise
             except Exception as e:  # recorded for every item, so the report says why nothing ran
                 for it in todo:
-                    _append_jsonl(report, _error_row(None, opts, it, e))
+                    append_jsonl(report, _error_row(None, opts, it, e))
                 print(f"cannot load --model {opts.model!r}: {type(e).__name__}: {e}", file=sys.stderr)
                 todo = []
                 failures = 1
@@ -383,7 +381,7 @@ def run(opts: GenerateOptions) -> int:
                 row = _error_row(runner, opts, item, e)
                 failures += 1
                 tqdm.write(f"item {item.index} failed: {row['error']}", file=sys.stderr)
-            _append_jsonl(report, row)
+            append_jsonl(report, row)
     except KeyboardInterrupt:
         interrupted = True
         print(f"\ninterrupted: finished videos are in {out}; run again with --resume to continue", file=sys.stderr)
@@ -392,10 +390,10 @@ def run(opts: GenerateOptions) -> int:
     procs.barrier()
     if procs.is_main:
         rows = merge_reports(out)
-        keys = {_item_key(it.index, it.prompt, opts.method, opts.config) for it in items}
+        keys = {item_key(it.index, it.prompt, opts.method, opts.config) for it in items}
         latest: dict[int, dict[str, Any]] = {}
         for r in rows:
-            if _item_key(r.get("index"), r.get("prompt"), r.get("method"), r.get("config") or {}) in keys:
+            if item_key(r.get("index"), r.get("prompt"), r.get("method"), r.get("config") or {}) in keys:
                 latest[r["index"]] = r
         summary = summarize([latest[i] for i in sorted(latest)])
         tmp = out / f".{SUMMARY}.partial"

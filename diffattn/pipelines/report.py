@@ -14,7 +14,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
-__all__ = ["REPORT", "SUMMARY", "RUN", "OutputFolderError", "merge_reports", "summarize", "format_table"]
+__all__ = ["REPORT", "SUMMARY", "RUN", "OutputFolderError", "shard_name", "append_jsonl", "read_jsonl", "merge_reports",
+           "item_key", "completed", "check_out", "clear_run", "write_run", "summarize", "format_table"]
 
 REPORT = "report.jsonl"
 SUMMARY = "summary.json"
@@ -25,11 +26,11 @@ _IDENTITY = ("model", "method", "config", "frames", "height", "width", "steps", 
              "negative_prompt", "seed", "dtype")
 
 
-def _shard_name(index: int, count: int) -> str:
+def shard_name(index: int, count: int) -> str:
     return f"report.shard-{index:03d}-of-{count:03d}.jsonl"
 
 
-def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
+def append_jsonl(path: Path, row: dict[str, Any]) -> None:
     # one write() of one whole line on an O_APPEND descriptor: an interrupt never leaves half a line
     data = (json.dumps(row, default=str, allow_nan=False) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -39,7 +40,7 @@ def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
         os.close(fd)
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
     if not path.is_file():
         return rows
@@ -65,11 +66,11 @@ def merge_reports(out: str | os.PathLike) -> list[dict[str, Any]]:
     out = Path(out)
     report = out / REPORT
     shards = sorted(out.glob("report.shard-*.jsonl"))
-    rows = _read_jsonl(report)
+    rows = read_jsonl(report)
     if not shards:
         return rows
     for shard in shards:
-        rows.extend(_read_jsonl(shard))
+        rows.extend(read_jsonl(shard))
     rows.sort(key=lambda r: (r.get("index", -1), r.get("time", "")))
     tmp = out / f".{REPORT}.{os.getpid()}.partial"
     try:
@@ -85,15 +86,15 @@ def merge_reports(out: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
-def _item_key(index: int, prompt: str | None, method: str, config: dict[str, Any]) -> str:
+def item_key(index: int, prompt: str | None, method: str, config: dict[str, Any]) -> str:
     return json.dumps([index, prompt, method, config], sort_keys=True, default=str)
 
 
-def _completed(out: Path, rows: Iterable[dict[str, Any]]) -> set[str]:
+def completed(out: Path, rows: Iterable[dict[str, Any]]) -> set[str]:
     done = set()
     for r in rows:
         if r.get("status") == "ok" and r.get("file") and (out / r["file"]).is_file():
-            done.add(_item_key(r.get("index"), r.get("prompt"), r.get("method"), r.get("config") or {}))
+            done.add(item_key(r.get("index"), r.get("prompt"), r.get("method"), r.get("config") or {}))
     return done
 
 
@@ -115,9 +116,9 @@ def _previous_run(out: Path) -> tuple[dict[str, Any] | None, bool]:
         identity = None
     if isinstance(identity, dict):
         return identity, True
-    rows = _read_jsonl(out / REPORT)
+    rows = read_jsonl(out / REPORT)
     for shard in sorted(out.glob("report.shard-*.jsonl")):
-        rows += _read_jsonl(shard)
+        rows += read_jsonl(shard)
     if rows:  # a report without run.json: what its rows name
         first = rows[0]
         return {k: first.get(k) if k != "config" else (first.get("config") or {}) for k in ("model", "method", "config")}, True
@@ -133,7 +134,7 @@ def _describe(identity: dict[str, Any]) -> str:
     return text
 
 
-def _check_out(out: Path, opts: Any) -> None:
+def check_out(out: Path, opts: Any) -> None:
     """Refuse, before any model is loaded, an ``--out`` that cannot be written or holds another run."""
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -164,12 +165,12 @@ def _check_out(out: Path, opts: Any) -> None:
         )
 
 
-def _clear_run(out: Path) -> None:
+def clear_run(out: Path) -> None:
     """``--overwrite``: remove the files of the run in ``out`` (and nothing else in the folder)."""
-    rows = _read_jsonl(out / REPORT)
+    rows = read_jsonl(out / REPORT)
     shards = sorted(out.glob("report.shard-*.jsonl"))
     for shard in shards:
-        rows += _read_jsonl(shard)
+        rows += read_jsonl(shard)
     names = {r.get(k) for r in rows for k in ("file", "dense_file") if isinstance(r.get(k), str)}
     names |= {p.name for p in out.iterdir() if _VIDEO.match(p.name)}
     for name in sorted(names):
@@ -179,7 +180,7 @@ def _clear_run(out: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _write_run(out: Path, opts: Any) -> None:
+def write_run(out: Path, opts: Any) -> None:
     tmp = out / f".{RUN}.partial"
     tmp.write_text(json.dumps(_run_identity(opts), indent=1, sort_keys=True, default=str) + "\n")
     os.replace(tmp, out / RUN)

@@ -7,16 +7,19 @@ twice with the same seed — once with its own attention, once with the chosen m
 the sparse video against the dense one, per-layer density and recall, and heatmaps of the block masks
 the method actually computed (any layer, head and step).
 
-The parts are usable without a browser (the tests call them directly):
+The parts are usable without a browser (the tests call them directly), one module each:
 
-* :func:`method_fields` turns a method's config dataclass into control descriptions (type, default,
-  the "Attributes:" text of its docstring); :func:`make_config` parses control values back through the
-  config class, so its own validation produces the error messages.
-* :class:`Limits` says which frame counts, sizes and step counts the loaded model accepts.
-* :class:`DemoRunner` owns the pipeline, the temporary folder and the run lock; :meth:`DemoRunner.generate`
-  returns a :class:`RunResult`; :func:`render_mask` draws one block mask with
-  :func:`diffattn.patterns.plot.save_masks`.
-* :func:`build_app` wires them into a ``gr.Blocks``; :func:`launch` loads a model and serves it.
+* ``controls``: :func:`method_fields` turns a method's config dataclass into control descriptions
+  (type, default, the "Attributes:" text of its docstring); :func:`parse_controls` parses control
+  values back and builds the config with :func:`diffattn.make_config`, so the config's own validation
+  produces the error messages.
+* ``limits``: :class:`Limits` says which frame counts, sizes and step counts the loaded model accepts.
+* ``runner``: :class:`DemoRunner` owns the pipeline, the temporary folder and the run lock; its
+  :meth:`DemoRunner.generate` runs both videos through :class:`diffattn.pipelines.compare.Comparer`
+  (same seed, synchronised timing, metrics) and returns a :class:`RunResult`; :func:`render_mask`
+  draws one block mask with :func:`diffattn.patterns.plot.save_masks`.
+* ``ui``: :func:`build_app` wires them into a ``gr.Blocks``; ``serve``: :func:`launch` loads a model
+  and serves it. The command line (:func:`add_arguments`, :func:`run_from_args`) is here.
 
 Nothing typed in the browser names a file: the model is chosen at launch, and free-text config fields
 (such as PARO's calibration file) are not offered. Every file the demo writes lives in one temporary
