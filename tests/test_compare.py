@@ -32,7 +32,8 @@ class _FakeEvent:
         assert enable_timing
         self.at = None
 
-    def record(self):
+    def record(self, stream=None):
+        assert stream == "stream of cuda"
         _FakeEvent.clock += 1
         self.at = _FakeEvent.clock
 
@@ -50,6 +51,7 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"stream of {device}")
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: syncs.append(a))
     _FakeEvent.waited = []
     return syncs

@@ -368,6 +368,7 @@ class Span:
     def __init__(self, device: torch.device | str | None = None, sync: bool = False) -> None:
         device = torch.device(device if device is not None else "cpu")
         cuda = device.type == "cuda" and torch.cuda.is_available()
+        self._device = device
         self._events = cuda and not sync and not torch.cuda.is_current_stream_capturing()
         self._sync = cuda and not self._events
         self._ms: float | None = None
@@ -375,20 +376,20 @@ class Span:
     def __enter__(self) -> "Span":
         if self._events:
             self._start = torch.cuda.Event(enable_timing=True)
-            self._start.record()
+            self._start.record(torch.cuda.current_stream(self._device))
         else:
             if self._sync:
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(self._device)
             self._t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
         if self._events:
             self._end = torch.cuda.Event(enable_timing=True)
-            self._end.record()
+            self._end.record(torch.cuda.current_stream(self._device))
             return
         if self._sync:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self._device)
         self._ms = (time.perf_counter() - self._t0) * 1e3
 
     @property
