@@ -38,21 +38,9 @@ import numpy as np
 import torch
 
 from ..processors import apply, remove, stats
-from ..processors.state import Span
+from ..processors.state import Span, synchronize
 
-__all__ = ["Comparer", "Sample", "quality", "environment", "versions", "device_name", "frames_of",
-           "synchronize"]
-
-
-def synchronize(device: torch.device | str) -> None:
-    """Wait for the work queued on ``device`` (nothing to wait for on a CPU)."""
-    device = torch.device(device)
-    if device.type == "cpu":
-        return
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif hasattr(torch, "accelerator"):
-        torch.accelerator.synchronize(device)
+__all__ = ["Comparer", "Sample", "quality", "environment", "versions", "device_name", "frames_of"]
 
 
 def versions() -> dict[str, str]:

@@ -356,21 +356,32 @@ class ModelState:
         return Span(device, self.sync_timing)
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the work queued on ``device`` (nothing to wait for on a CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type != "cpu" and hasattr(torch, "accelerator"):
+        torch.accelerator.synchronize(device)
+
+
 class Span:
     """How long a stretch of work took, measured so that the work never waits on the host.
 
-    On a CUDA device: the device time between two events recorded on the current stream, read (and
-    waited for) only when :attr:`ms` is first asked, after the work; under CUDA-graph capture, or
-    with ``sync``, the host time between two device synchronisations (exact, but a stall per span).
-    On a CPU the host time, which is the work's own time there.
+    On a CUDA device: the device time between two events recorded on the device's current stream,
+    read (and waited for) only when :attr:`ms` is first asked, after the work. With ``sync``, and on
+    other accelerators, the host time between two device synchronisations (exact, but a stall per
+    span). On a CPU the host time, which is the work's own time there. Under CUDA-graph capture
+    nothing may wait or be timed: the host clock alone (what capturing took, not a replay).
     """
 
     def __init__(self, device: torch.device | str | None = None, sync: bool = False) -> None:
         device = torch.device(device if device is not None else "cpu")
         cuda = device.type == "cuda" and torch.cuda.is_available()
+        capturing = cuda and torch.cuda.is_current_stream_capturing()
         self._device = device
-        self._events = cuda and not sync and not torch.cuda.is_current_stream_capturing()
-        self._sync = cuda and not self._events
+        self._events = cuda and not sync and not capturing
+        self._sync = device.type != "cpu" and not self._events and not capturing
         self._ms: float | None = None
 
     def __enter__(self) -> "Span":
@@ -379,7 +390,7 @@ class Span:
             self._start.record(torch.cuda.current_stream(self._device))
         else:
             if self._sync:
-                torch.cuda.synchronize(self._device)
+                synchronize(self._device)
             self._t0 = time.perf_counter()
         return self
 
@@ -389,7 +400,7 @@ class Span:
             self._end.record(torch.cuda.current_stream(self._device))
             return
         if self._sync:
-            torch.cuda.synchronize(self._device)
+            synchronize(self._device)
         self._ms = (time.perf_counter() - self._t0) * 1e3
 
     @property
