@@ -186,17 +186,16 @@ class Comparer:
         :func:`diffattn.apply` ``options``), or with the model's own attention when ``method`` is None
         or ``"dense"``. Asking again for what is installed keeps it (and its caches). Returns the
         method's config (None for the model's attention)."""
-        if method is None or method == "dense":
-            if self._installed is not None:
-                remove(self.pipe)
-                self._installed = self.config = None
-            return None
-        name = method if isinstance(method, str) else method.to_json()
-        key = json.dumps([name, config or {}, options], sort_keys=True, default=repr)
-        if key != self._installed:
-            if self._installed is not None:
-                remove(self.pipe)
-                self._installed = self.config = None
+        key = None
+        if method is not None and method != "dense":
+            name = method if isinstance(method, str) else method.to_json()
+            key = json.dumps([name, config or {}, options], sort_keys=True, default=repr)
+        if key == self._installed:
+            return self.config
+        if self._installed is not None:
+            remove(self.pipe)
+            self._installed = self.config = None
+        if key is not None:
             self.config = apply(self.pipe, method, dict(config) if config else None, **options)
             self._installed = key
         return self.config
