@@ -17,10 +17,11 @@ pytest.importorskip("gradio", reason="the demo needs the 'demo' extra: pip insta
 
 from diffattn.apps import demo as D  # noqa: E402
 from diffattn.methods import get_method_class  # noqa: E402
-from diffattn.pipelines.metrics import psnr, ssim  # noqa: E402
 from diffattn.pipelines.tiny import build_tiny_pipeline  # noqa: E402
 from diffattn.pipelines.video_io import read_video  # noqa: E402
 from diffattn.processors.sparse import SparseAttnProcessor  # noqa: E402
+
+from .video_reference import psnr_reference, ssim_loop  # noqa: E402
 
 PROMPT = "a red circle moving left on a blue background"
 SMALL = dict(seed=0, frames=5, height=32, width=32, steps=2)
@@ -95,14 +96,14 @@ def test_controls_start_at_the_config_defaults(method):
     for s in specs:
         assert s.info, f"{method}.{s.name} has no description in the config docstring"
     # the controls' initial values parse back into exactly the default config
-    assert D.make_config(method, {s.name: s.default for s in specs}) == cls()
+    assert D.parse_controls(method, {s.name: s.default for s in specs}) == cls()
 
 
 def test_free_text_fields_are_not_offered():
     # PARO's calibration is a file path: the browser must not name files on the server
     assert D.method_fields("paro")[1] == ["calibration"]
     with pytest.raises(ValueError, match="calibration"):
-        D.make_config("paro", {"calibration": "/etc/passwd"})
+        D.parse_controls("paro", {"calibration": "/etc/passwd"})
 
 
 def test_demo_methods_are_the_sparse_video_methods():
@@ -115,13 +116,13 @@ def test_descriptions_come_from_the_docstrings():
     assert "Paper: 0.8 (keep 20%)" in info["sparsity"]
 
 
-def test_make_config_parses_control_values():
-    cfg = D.make_config("gna", {"kernel_size": "3, 4,4", "stride": "1,2, 2", "is_causal": "true, false, no",
+def test_parse_controls_reads_control_values():
+    cfg = D.parse_controls("gna", {"kernel_size": "3, 4,4", "stride": "1,2, 2", "is_causal": "true, false, no",
                                 "dense_steps": 2.0})
     assert cfg.kernel_size == (3, 4, 4) and cfg.is_causal == (True, False, False) and cfg.dense_steps == 2
-    cfg = D.make_config("paro", {"qk_bits": "8", "pv_bits": "", "orders": "FHW, HWF"})
+    cfg = D.parse_controls("paro", {"qk_bits": "8", "pv_bits": "", "orders": "FHW, HWF"})
     assert cfg.qk_bits == 8 and cfg.pv_bits is None and cfg.orders == ("FHW", "HWF")
-    assert D.make_config("adaspa", {"search_steps": "(3, 7)"}).search_steps == (3, 7)
+    assert D.parse_controls("adaspa", {"search_steps": "(3, 7)"}).search_steps == (3, 7)
 
 
 @pytest.mark.parametrize(
@@ -140,9 +141,9 @@ def test_make_config_parses_control_values():
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )
-def test_make_config_rejects_bad_values_with_a_clear_message(method, values, message):
+def test_parse_controls_rejects_bad_values_with_a_clear_message(method, values, message):
     with pytest.raises(ValueError, match=message):
-        D.make_config(method, values)
+        D.parse_controls(method, values)
 
 
 # -------------------------------------------------------------------------------------------- limits
@@ -216,13 +217,28 @@ def test_generation_dense_side_is_the_models_own_attention(result, pipe):
     np.testing.assert_array_equal(result.dense_frames, out)
 
 
+def test_generation_sparse_side_is_the_method(result, pipe, runner):
+    import diffattn
+
+    diffattn.apply(pipe, runner.request(PROMPT, "adaspa", ADASPA, **SMALL).config, min_tokens=0)
+    try:
+        out = pipe(PROMPT, num_frames=5, height=32, width=32, num_inference_steps=2,
+                   generator=torch.Generator().manual_seed(0)).frames[0]
+    finally:
+        diffattn.remove(pipe)
+    np.testing.assert_array_equal(result.sparse_frames, out)
+
+
 def test_generation_outputs(result):
     for path in (result.dense_video, result.sparse_video):
         assert path.parent == result.dir
         video = read_video(path)
         assert video.shape == (5, 32, 32, 3) and video.dtype == np.uint8
-    assert result.psnr == psnr(result.sparse_frames, result.dense_frames)
-    assert result.ssim == ssim(result.sparse_frames, result.dense_frames)
+    # the metrics compare the method's video with the dense one (by definition, not by the same code)
+    assert not np.array_equal(result.sparse_frames, result.dense_frames)
+    assert result.psnr == pytest.approx(psnr_reference(result.sparse_frames, result.dense_frames), rel=1e-9)
+    assert result.ssim == pytest.approx(ssim_loop(result.sparse_frames, result.dense_frames), abs=1e-9)
+    assert 0 < result.ssim < 1 and 0 < result.psnr < 100
     m = result.metrics()
     for key in ("dense_s", "sparse_s", "speedup", "psnr", "ssim", "density"):
         assert isinstance(m[key], float) and np.isfinite(m[key]), (key, m[key])

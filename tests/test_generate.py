@@ -18,6 +18,8 @@ from diffattn.pipelines.generate import parse_config, read_prompts, slugify
 from diffattn.pipelines.metrics import psnr, ssim, video_metrics
 from diffattn.pipelines.video_io import read_video, write_video
 
+from .video_reference import ssim_loop
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--frames", "2", "--height", "32", "--width", "32", "--steps", "1", "--no-progress"]
 
@@ -31,32 +33,12 @@ def _visible(out):
 
 
 # ------------------------------------------------------------------------------------------ metrics
-def _ssim_loop(x, y, window=11, sigma=1.5):
-    """SSIM by explicit windows: an independent reference for the convolution version."""
-    r = np.arange(window) - (window - 1) / 2
-    g = np.exp(-(r**2) / (2 * sigma**2))
-    w = np.outer(g, g) / np.outer(g, g).sum()
-    c1, c2 = 0.01**2, 0.03**2
-    vals = []
-    for f in range(x.shape[0]):
-        for c in range(x.shape[3]):
-            for i in range(x.shape[1] - window + 1):
-                for j in range(x.shape[2] - window + 1):
-                    a = x[f, i : i + window, j : j + window, c]
-                    b = y[f, i : i + window, j : j + window, c]
-                    ma, mb = (w * a).sum(), (w * b).sum()
-                    va, vb = (w * (a - ma) ** 2).sum(), (w * (b - mb) ** 2).sum()
-                    cov = (w * (a - ma) * (b - mb)).sum()
-                    vals.append(((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma**2 + mb**2 + c1) * (va + vb + c2)))
-    return float(np.mean(vals))
-
-
 @pytest.mark.parametrize("shape", [(1, 11, 11, 3), (2, 14, 17, 3), (3, 13, 12, 1)], ids=lambda s: "x".join(map(str, s)))
 def test_ssim_matches_window_loop(shape):
     rng = np.random.default_rng(0)
     x = rng.random(shape)
     y = np.clip(x + 0.1 * rng.standard_normal(shape), 0, 1)
-    assert ssim(x, y) == pytest.approx(_ssim_loop(x, y), abs=1e-10)
+    assert ssim(x, y) == pytest.approx(ssim_loop(x, y), abs=1e-10)
     assert ssim(x, x) == pytest.approx(1.0, abs=1e-12)
 
 

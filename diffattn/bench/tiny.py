@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..pipelines.generate import DEFAULT_TINY_PROMPTS
+from ..pipelines.tiny.data import DEFAULT_PROMPTS
 from .common import default_output, environment, write_rows
 
 # The prompts `diffattn generate` uses on the tiny model: one per direction, in its vocabulary.
-PROMPTS = DEFAULT_TINY_PROMPTS
+PROMPTS = DEFAULT_PROMPTS
 # label -> (method, config fields besides its defaults); agent needs the DiT token layout
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "radial": ("radial", {}),
@@ -39,61 +37,54 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def _generate(pipe, prompt: str, seed: int, frames: int, size: int, steps: int | None) -> tuple[Any, float]:
-    from diffattn.pipelines.generate import _frames_of
-
-    kwargs: dict[str, Any] = {"num_frames": frames, "height": size, "width": size}
-    if steps is not None:
-        kwargs["num_inference_steps"] = steps
-    # a CPU generator gives the same noise for dense and every method
-    generator = torch.Generator("cpu").manual_seed(seed)
-    start = time.perf_counter()
-    out = pipe(prompt=prompt, generator=generator, output_type="np", **kwargs)
-    return _frames_of(out), time.perf_counter() - start
-
-
 def run(prompts: int = 4, frames: int = 9, size: int = 64, steps: int | None = None,
         methods: list[str] | None = None, seed: int = 0, env: dict | None = None,
         out: Path | None = None) -> list[dict[str, Any]]:
     """One row per (method, prompt) with PSNR/SSIM against the dense video of the same prompt and seed
     (appended to ``out`` as it is measured, when given). Identical videos get ``psnr = None`` and
     ``identical = True`` (JSON has no infinity)."""
-    import diffattn
-    from diffattn.pipelines.metrics import psnr, ssim
+    from diffattn.pipelines.compare import Comparer, quality
     from diffattn.pipelines.tiny import load_pipeline, measure_motion
 
     env = env or environment("cpu")
     pipe = load_pipeline("tiny", dtype=torch.float32, device="cpu")
+    comparer = Comparer(pipe, "cpu")
+    call: dict[str, Any] = {"num_frames": frames, "height": size, "width": size}
+    if steps is not None:
+        call["num_inference_steps"] = steps
     rows: list[dict[str, Any]] = []
-    for index, prompt in enumerate(PROMPTS[:prompts]):
-        reference, dense_s = _generate(pipe, prompt, seed + index, frames, size, steps)
-        dense_motion = measure_motion(reference, prompt)
-        for label in methods or list(METHODS):
-            method, fields = METHODS[label]
-            config = diffattn.apply(pipe, method, min_tokens=0, **fields)
-            try:
-                video, seconds = _generate(pipe, prompt, seed + index, frames, size, steps)
-                summary = diffattn.stats(pipe).summary()
-            finally:
-                diffattn.remove(pipe)
-            value = float(psnr(video, reference))
-            motion = measure_motion(video, prompt)
-            rows.append({
-                "bench": "tiny", **{k: v for k, v in env.items() if k != "device"}, "device": "cpu",
-                "label": label, "method": method, "config": json.loads(config.to_json()),
-                "prompt": prompt, "seed": seed + index, "frames": frames, "height": size, "width": size,
-                "steps": steps or pipe_default_steps(pipe), "density": summary.get("density"),
-                "psnr": value if math.isfinite(value) else None, "identical": not math.isfinite(value),
-                "ssim": float(ssim(video, reference)), "seconds": seconds, "dense_seconds": dense_s,
-                "speed": motion["speed"], "drift": motion["drift"],
-                "dense_speed": dense_motion["speed"], "dense_drift": dense_motion["drift"],
-            })
-            if out is not None:
-                write_rows(rows[-1:], out)
-            shown = "identical" if rows[-1]["identical"] else f"{value:.2f} dB"
-            print(f"{label:10s} prompt {index}: PSNR {shown}  SSIM {rows[-1]['ssim']:.4f}  "
-                  f"density {rows[-1]['density']}  speed {motion['speed']:+.2f} px/frame (dense "
-                  f"{dense_motion['speed']:+.2f})  {seconds:.1f}s (dense {dense_s:.1f}s)", flush=True)
+    try:
+        for index, prompt in enumerate(PROMPTS[:prompts]):
+            comparer.restore()
+            reference = comparer.sample(prompt, seed + index, **call)
+            dense_s = reference.seconds["total"]
+            dense_motion = measure_motion(reference.frames, prompt)
+            for label in methods or list(METHODS):
+                method, fields = METHODS[label]
+                config = comparer.use(method, fields, min_tokens=0)
+                video = comparer.sample(prompt, seed + index, **call)
+                q = quality(video.frames, reference.frames, lpips=False)
+                seconds = video.seconds["total"]
+                motion = measure_motion(video.frames, prompt)
+                rows.append({
+                    "bench": "tiny", **{k: v for k, v in env.items() if k != "device"}, "device": "cpu",
+                    "label": label, "method": method, "config": json.loads(config.to_json()),
+                    "prompt": prompt, "seed": seed + index, "frames": frames, "height": size, "width": size,
+                    "steps": steps or pipe_default_steps(pipe), "density": video.summary.get("density"),
+                    "psnr": None if q["identical"] else q["psnr"], "identical": q["identical"],
+                    "ssim": q["ssim"], "seconds": seconds, "dense_seconds": dense_s,
+                    "speed": motion["speed"], "drift": motion["drift"],
+                    "dense_speed": dense_motion["speed"], "dense_drift": dense_motion["drift"],
+                })
+                if out is not None:
+                    write_rows(rows[-1:], out)
+                shown = "identical" if q["identical"] else f"{q['psnr']:.2f} dB"
+                ssim_s = "-" if q["ssim"] is None else f"{q['ssim']:.4f}"
+                print(f"{label:10s} prompt {index}: PSNR {shown}  SSIM {ssim_s}  "
+                      f"density {rows[-1]['density']}  speed {motion['speed']:+.2f} px/frame (dense "
+                      f"{dense_motion['speed']:+.2f})  {seconds:.1f}s (dense {dense_s:.1f}s)", flush=True)
+    finally:
+        comparer.restore()
     return rows
 
 

@@ -98,7 +98,9 @@ def apply(
         min_tokens: shorter sequences keep the model's attention.
         spec: a :class:`~diffattn.processors.models.ModelSpec` for a model outside the table.
         num_steps: steps per generation when no pipeline scheduler tells (default 50).
-        sync_timing: synchronise CUDA around each attention so ``stats`` times are exact.
+        sync_timing: time each attention on the host between two CUDA synchronisations (its host
+            work included, at the price of a stall per call). By default a GPU call is timed by CUDA
+            events (its device time, read when ``stats`` is read) and a CPU call by the host clock.
         capture_layouts: keep each sparse call's block mask (bool ``[B|1, H|1, Mq, Mk]``, CPU) in its
             ``stats`` row under ``"block_mask"`` — for plots; costs host memory.
 

@@ -779,11 +779,11 @@ def _attend(
         gather_heads=gather_heads,
         record=row.update,
     )
-    with state.timer() as t:
+    with state.timer(q.device) as t:
         out = proc.method.attend(q, k, v, ctx)
     if order is not None:
         out = out[:, :, inverse]
-    _record(state, info, proc, name, time_ms=t.ms, grid=grid, text_len=text_len, **where, **row)
+    _record(state, info, proc, name, time_ms=t, grid=grid, text_len=text_len, **where, **row)
     return out.to(q.dtype)
 
 

@@ -184,26 +184,42 @@ class ForwardInfo:
 
 
 class Stats:
-    """Per-call records of every replaced attention: one row per (layer, step, branch, call)."""
+    """Per-call records of every replaced attention: one row per (layer, step, branch, call).
+
+    A row's ``time_ms`` may arrive as a :class:`Span` still running on the device; it becomes a
+    number when the rows are read, so recording a call never waits for it.
+    """
 
     def __init__(self) -> None:
-        self.rows: list[dict[str, Any]] = []
+        self._rows: list[dict[str, Any]] = []
+        self._pending: list[dict[str, Any]] = []
         self._lock = threading.Lock()
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        with self._lock:
+            for row in self._pending:
+                row["time_ms"] = row["time_ms"].ms
+            self._pending.clear()
+            return self._rows
 
     def __deepcopy__(self, memo: dict) -> "Stats":
         import copy
 
         new = Stats()
-        new.rows = copy.deepcopy(self.rows, memo)
+        new._rows = copy.deepcopy(self.rows, memo)
         return new
 
     def reset(self) -> None:
         with self._lock:
-            self.rows.clear()
+            self._rows.clear()
+            self._pending.clear()
 
     def add(self, row: dict[str, Any]) -> None:
         with self._lock:
-            self.rows.append(row)
+            self._rows.append(row)
+            if isinstance(row.get("time_ms"), Span):
+                self._pending.append(row)
 
     def summary(self) -> "SummaryTable":
         """Totals over all rows and a per-layer breakdown (mean density, time, searches, hits).
@@ -342,24 +358,64 @@ class ModelState:
             hit = masks[key] = (mask, parse(mask, b, n))
         return hit[1]
 
-    def timer(self) -> "_Timer":
-        return _Timer(self.sync_timing)
+    def timer(self, device: torch.device | str | None = None) -> Span:
+        return Span(device, self.sync_timing)
 
 
-class _Timer:
-    def __init__(self, sync: bool) -> None:
-        self.sync = sync and torch.cuda.is_available()
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the work queued on ``device`` (nothing to wait for on a CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type != "cpu" and hasattr(torch, "accelerator"):
+        torch.accelerator.synchronize(device)
 
-    def __enter__(self) -> "_Timer":
-        if self.sync:
-            torch.cuda.synchronize()
-        self.t0 = time.perf_counter()
+
+class Span:
+    """How long a stretch of work took, measured so that the work never waits on the host.
+
+    On a CUDA device: the device time between two events recorded on the device's current stream,
+    read (and waited for) only when :attr:`ms` is first asked, after the work. With ``sync``, and on
+    other accelerators, the host time between two device synchronisations (exact, but a stall per
+    span). On a CPU the host time, which is the work's own time there. Under CUDA-graph capture
+    nothing may wait or be timed: the host clock alone (what capturing took, not a replay).
+    """
+
+    def __init__(self, device: torch.device | str | None = None, sync: bool = False) -> None:
+        device = torch.device(device if device is not None else "cpu")
+        cuda = device.type == "cuda" and torch.cuda.is_available()
+        capturing = cuda and torch.cuda.is_current_stream_capturing()
+        self._device = device
+        self._events = cuda and not sync and not capturing
+        self._sync = device.type != "cpu" and not self._events and not capturing
+        self._ms: float | None = None
+
+    def __enter__(self) -> "Span":
+        if self._events:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record(torch.cuda.current_stream(self._device))
+        else:
+            if self._sync:
+                synchronize(self._device)
+            self._t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.sync:
-            torch.cuda.synchronize()
-        self.ms = (time.perf_counter() - self.t0) * 1e3
+        if self._events:
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._end.record(torch.cuda.current_stream(self._device))
+            return
+        if self._sync:
+            synchronize(self._device)
+        self._ms = (time.perf_counter() - self._t0) * 1e3
+
+    @property
+    def ms(self) -> float:
+        if self._ms is None:
+            self._end.synchronize()
+            self._ms = float(self._start.elapsed_time(self._end))
+            self._start = self._end = None
+        return self._ms
 
 
 class SummaryTable(dict):
