@@ -272,6 +272,22 @@ def test_save_and_load_folder_round_trip(pipe, tmp_path):
         load_pipeline(str(tmp_path / "missing"))
 
 
+def test_folder_saved_before_the_package_split_still_loads(pipe, tmp_path):
+    """Folders written before the tiny model moved into its own module name the package itself as the
+    text encoder's library."""
+    import json
+    import shutil
+
+    folder = shutil.copytree(tiny_asset_dir(), tmp_path / "old")
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["text_encoder"][0] == "diffattn.pipelines.tiny.model"
+    index["text_encoder"][0] = "diffattn.pipelines.tiny"
+    (folder / "model_index.json").write_text(json.dumps(index))
+    old = load_pipeline(folder)
+    for a, b in zip(pipe.text_encoder.state_dict().values(), old.text_encoder.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_dense_processor_matches_model_attention(pipe):
     import diffattn
 

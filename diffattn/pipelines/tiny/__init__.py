@@ -36,7 +36,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# name -> submodule; the shipped model_index.json names ``diffattn.pipelines.tiny.TinyTextEncoder``
+# name -> submodule (the shipped model_index.json names ``diffattn.pipelines.tiny.model`` as the text encoder's library)
 _LAZY = {
     **dict.fromkeys(("COLORS", "SHAPES", "DIRECTIONS", "VOCAB", "DEFAULT_PROMPTS", "Scene", "scene_prompt",
                      "parse_prompt", "random_scenes", "render_videos"), "data"),
@@ -50,6 +50,12 @@ __all__ = list(_LAZY)
 
 
 def __getattr__(name: str) -> Any:
+    if name == "ModelMixin":
+        # Folders saved before the model moved to .model name this package as the text encoder's
+        # library; diffusers picks the loading method by looking ModelMixin up on that module.
+        from diffusers import ModelMixin
+
+        return ModelMixin
     if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
