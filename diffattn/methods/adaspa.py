@@ -29,7 +29,7 @@ import torch
 
 from ..kernels import BlockSparseLayout, block_mass
 from ..patterns.adaspa import plan_adaspa
-from .base import AttnContext, MethodConfig, register_method
+from .base import DEFAULTS, AttnContext, Drawing, MethodConfig, Variant, register_method
 from .sparse import Backend, VideoSparseMethod, _check_block_size, kernel_attention, dense_layout, layout_density
 
 __all__ = ["AdaSpaConfig", "AdaSpaMethod", "AdaSpaState"]
@@ -147,9 +147,28 @@ class AdaSpaMethod(VideoSparseMethod):
 
     name = "adaspa"
     config_cls = AdaSpaConfig
+    state_cls = AdaSpaState
+    drawing = Drawing("adaspa", "AdaSpa's per-head block masks on synthetic DiT-like attention")
+    benchmarks = {
+        "kernel": DEFAULTS,
+        "tiny": DEFAULTS,
+        "quality": tuple(Variant({"sparsity": s}, f"s={s}") for s in (0.5, 0.7, 0.8, 0.9))
+        + (Variant({"sparsity": 0.8, "head_adaptive": False}, "s=0.8 uniform"),)
+        + tuple(Variant({"mode": "recall", "target_recall": r}, f"recall>={r}") for r in (0.9, 0.95, 0.99)),
+    }
 
-    def reset(self) -> None:
-        self.state = AdaSpaState()
+    @classmethod
+    def event_steps(cls, config):
+        return tuple(config.search_steps)
+
+    def search_call(self, q, k, v):
+        cfg = self.config
+        bs, n = cfg.block_size, q.shape[2]
+        _, lse = kernel_attention(q, k, v, dense_layout(n, n, bs, q.device), None, cfg.backend)
+        return lambda: plan_adaspa(
+            block_mass(q, k, lse, bs, bs, None, cfg.backend),
+            cfg.sparsity, cfg.mode, cfg.head_adaptive, cfg.recall_threshold, cfg.target_recall,
+        )
 
     @property
     def stats(self) -> dict[tuple[str, int], dict[str, Any]]:

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..patterns import neighborhood as na
-from .base import AttnContext, MethodConfig, register_method
+from .base import DEFAULTS, AttnContext, Drawing, MethodConfig, Variant, register_method
 from .sparse import Backend, VideoSparseMethod, _check_block_size, kernel_attention, layout_density
 
 __all__ = ["GNAConfig", "GNAMethod"]
@@ -99,6 +99,15 @@ class GNAMethod(VideoSparseMethod):
 
     name = "gna"
     config_cls = GNAConfig
+    drawing = Drawing("neighborhood", "a generalized neighborhood attention window and its tile layout")
+    benchmarks = {
+        "kernel": DEFAULTS,
+        "tiny": (Variant(), Variant({"kernel_size": (5, 8, 8), "stride": (1, 4, 4)}, "gna-small")),
+        "quality": (
+            Variant({}, "k=(12, 24, 24) s=(4, 8, 8)"),
+            Variant({"kernel_size": (4, 16, 16), "stride": (4, 8, 8)}, "k=(4, 16, 16) s=(4, 8, 8)"),
+        ),
+    }
 
     def use_dense(self, ctx: AttnContext) -> bool:
         cfg = self.config
@@ -109,6 +118,10 @@ class GNAMethod(VideoSparseMethod):
         cfg = self.config
         k, s, d, c = na.fit_to_grid(grid, cfg.kernel_size, cfg.stride, cfg.dilation, cfg.is_causal)
         return na.gna_plan(grid, k, s, d, c, cfg.tile_shape, cfg.block_size, device)
+
+    def plan_facts(self, grid, device):
+        st = self.plan(tuple(grid), device).stats
+        return {"simulated_speedup": st["speedup_upper_bound"], "token_density": st["token_density"]}
 
     def video_attention(self, q, k, v, ctx):
         plan = self.plan(tuple(ctx.grid), q.device)

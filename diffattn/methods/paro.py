@@ -41,7 +41,7 @@ from ..kernels import BlockSparseLayout
 from ..kernels.api import resolve_backend
 from ..kernels.quant_reference import quantized_block_sparse_attention
 from ..patterns.paro import AXIS_ORDERS, calibrate_paro, head_permutations, inverse_permutation, permute_heads
-from .base import AttnContext, MethodConfig, register_method
+from .base import DEFAULTS, AttnContext, Drawing, MethodConfig, Variant, register_method
 from .sparse import Backend, VideoSparseMethod, _check_block_size, kernel_attention, layout_density
 
 __all__ = ["PAROConfig", "PAROMethod", "PAROState"]
@@ -156,9 +156,21 @@ class PAROMethod(VideoSparseMethod):
 
     name = "paro"
     config_cls = PAROConfig
+    state_cls = PAROState
+    drawing = Drawing("paro", "PARO's per-head permutation and block mask on synthetic attention")
+    benchmarks = {
+        "kernel": DEFAULTS,
+        "tiny": DEFAULTS,
+        "quality": tuple(Variant({"density": d}, f"d={d}") for d in (0.2, 0.3, 0.5))
+        + tuple(Variant({"density": 0.5, "qk_bits": 8, "pv_bits": pv}, f"d=0.5 int8/int{pv}") for pv in (8, 4)),
+    }
+
+    @classmethod
+    def event_steps(cls, config):
+        return tuple(config.calibration_steps)
 
     def reset(self) -> None:
-        self.state = PAROState()
+        super().reset()
         if self.config.calibration is not None:
             self.load_calibration(self.config.calibration)
 

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..patterns import radial as radial_pattern
-from .base import AttnContext, MethodConfig, register_method
+from .base import DEFAULTS, AttnContext, Drawing, MethodConfig, Variant, register_method
 from .sparse import Backend, VideoSparseMethod, _check_block_size, kernel_attention, layout_density
 
 __all__ = ["RadialConfig", "RadialMethod"]
@@ -90,6 +90,17 @@ class RadialMethod(VideoSparseMethod):
 
     name = "radial"
     config_cls = RadialConfig
+    drawing = Drawing("radial", "Radial's static block mask for a video shape")
+    # A benchmark measures one step: the warm-up is off so that step runs the mask.
+    benchmarks = {
+        "kernel": DEFAULTS,
+        "tiny": DEFAULTS,
+        "quality": tuple(
+            Variant({**RadialConfig.PRESETS[family], "dense_steps": 0, "dense_layers": 0},
+                    f"decay={RadialConfig.PRESETS[family]['decay_factor']}")
+            for family in ("wan", "hunyuan")
+        ),
+    }
 
     def use_dense(self, ctx: AttnContext) -> bool:
         cfg = self.config

@@ -11,13 +11,13 @@ from __future__ import annotations
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import ClassVar, Iterator, Literal, NamedTuple
+from typing import Iterator, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from ..kernels import BlockSparseLayout, block_sparse_attention, merge_attention
-from .base import AttentionMethod, AttnContext, MethodConfig, register_method
+from .base import DEFAULTS, AttentionMethod, AttnContext, MethodConfig, register_method
 
 __all__ = [
     "DenseConfig", "DenseMethod", "KernelCall", "VideoSparseMethod", "capture_kernel_calls", "kernel_attention",
@@ -169,6 +169,8 @@ class DenseMethod(AttentionMethod):
 
     name = "dense"
     config_cls = DenseConfig
+    families = ("video", "unet")
+    benchmarks = {"quality": DEFAULTS}
 
     def attend(self, q, k, v, ctx):
         b, _, n, _ = q.shape
@@ -185,7 +187,7 @@ class VideoSparseMethod(AttentionMethod):
     ``(o, lse)``) and may override :meth:`use_dense` for warm-up steps/layers.
     """
 
-    requires_grid: ClassVar[bool] = True
+    families = ("video",)
 
     def use_dense(self, ctx: AttnContext) -> bool:
         return False
