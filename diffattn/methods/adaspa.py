@@ -157,6 +157,8 @@ class AdaSpaMethod(VideoSparseMethod):
         + tuple(Variant({"mode": "recall", "target_recall": r}, f"recall>={r}") for r in (0.9, 0.95, 0.99)),
     }
 
+    small_example = {"sparsity": 0.6, "warmup_steps": 0, "search_steps": (0, 25), "block_size": 16, "backend": "torch"}
+
     @classmethod
     def event_steps(cls, config):
         return tuple(config.search_steps)

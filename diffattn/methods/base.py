@@ -234,6 +234,7 @@ class MethodInfo:
     benchmarks: dict[str, tuple[Variant, ...]]
     event_steps: tuple[int, ...]
     steady_step: int
+    small_example: dict[str, Any]
 
     def config(self, variant: Variant = Variant(), **fields: Any) -> MethodConfig:
         """The config of ``variant`` with ``fields`` on top, keeping only fields the config has (a
@@ -255,8 +256,10 @@ class AttentionMethod:
     defaults: ``"video"`` for DiTs on a latent grid, ``"unet"`` for Stable Diffusion UNets),
     ``drawing`` (how ``diffattn draw`` pictures it; None: no picture), ``benchmarks`` (per benchmark —
     ``"kernel"``, ``"quality"``, ``"tiny"`` — the variants it runs; a benchmark not named leaves the
-    method out), ``steady_step`` (a step of 50 at which it runs its steady-state plan) and
-    :meth:`event_steps` (steps of 50 at which it plans anew).
+    method out), ``steady_step`` (a step of 50 at which it runs its steady-state plan),
+    :meth:`event_steps` (steps of 50 at which it plans anew) and ``small_example`` (config fields with
+    which it does its real work on a latent grid of a few hundred tokens: small blocks and windows, no
+    warm-up, the PyTorch backend; what a check on a tiny model runs).
     """
 
     name: ClassVar[str] = ""
@@ -266,6 +269,7 @@ class AttentionMethod:
     drawing: ClassVar[Drawing | None] = None
     benchmarks: ClassVar[dict[str, tuple[Variant, ...]]] = {}
     steady_step: ClassVar[int] = 40
+    small_example: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def event_steps(cls, config: MethodConfig) -> tuple[int, ...]:
@@ -350,6 +354,7 @@ def describe(name: str) -> MethodInfo:
         benchmarks=dict(cls.benchmarks),
         event_steps=tuple(cls.event_steps(cls.config_cls())),
         steady_step=cls.steady_step,
+        small_example=dict(cls.small_example),
     )
 
 

@@ -109,6 +109,10 @@ class GNAMethod(VideoSparseMethod):
         ),
     }
 
+    small_example = {
+        "kernel_size": (3, 3, 3), "stride": (1, 1, 2), "tile_shape": (2, 2, 4), "block_size": 16, "backend": "torch",
+    }
+
     def use_dense(self, ctx: AttnContext) -> bool:
         cfg = self.config
         return ctx.layer_index < cfg.dense_layers or ctx.step < ctx.scaled_step(cfg.dense_steps)

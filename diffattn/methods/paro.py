@@ -165,6 +165,8 @@ class PAROMethod(VideoSparseMethod):
         + tuple(Variant({"density": 0.5, "qk_bits": 8, "pv_bits": pv}, f"d=0.5 int8/int{pv}") for pv in (8, 4)),
     }
 
+    small_example = {"density": 0.4, "calibration_steps": (0, 25), "block_size": 16, "backend": "torch"}
+
     @classmethod
     def event_steps(cls, config):
         return tuple(config.calibration_steps)

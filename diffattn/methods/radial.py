@@ -102,6 +102,11 @@ class RadialMethod(VideoSparseMethod):
         ),
     }
 
+    small_example = {
+        "decay_factor": 0.5, "pattern_block": 16, "block_size": 16, "dense_layers": 0, "dense_steps": 0,
+        "backend": "torch",
+    }
+
     def use_dense(self, ctx: AttnContext) -> bool:
         cfg = self.config
         return ctx.layer_index < cfg.dense_layers or ctx.step < ctx.scaled_step(cfg.dense_steps)
