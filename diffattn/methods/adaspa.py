@@ -28,9 +28,10 @@ from typing import Any, Literal
 import torch
 
 from ..kernels import BlockSparseLayout, block_mass
+from ..patterns import check_block_size
 from ..patterns.adaspa import plan_adaspa
 from .base import DEFAULTS, AttnContext, Drawing, MethodConfig, Variant, register_method
-from .sparse import Backend, VideoSparseMethod, _check_block_size, kernel_attention, dense_layout, layout_density
+from .sparse import Backend, VideoSparseMethod, kernel_attention, dense_layout, layout_density
 
 __all__ = ["AdaSpaConfig", "AdaSpaMethod", "AdaSpaState"]
 
@@ -83,7 +84,7 @@ class AdaSpaConfig(MethodConfig):
                 f"AdaSpaConfig.search_steps must be a non-empty list of steps >= 0 (paper: [10, 30]), "
                 f"got {list(self.search_steps)}"
             )
-        _check_block_size(self.block_size, "AdaSpaConfig.block_size")
+        check_block_size(self.block_size, "AdaSpaConfig.block_size")
 
 
 @dataclass
@@ -156,12 +157,8 @@ class AdaSpaMethod(VideoSparseMethod):
         + (Variant({"sparsity": 0.8, "head_adaptive": False}, "s=0.8 uniform"),)
         + tuple(Variant({"mode": "recall", "target_recall": r}, f"recall>={r}") for r in (0.9, 0.95, 0.99)),
     }
-
+    event_steps_field = "search_steps"
     small_example = {"sparsity": 0.6, "warmup_steps": 0, "search_steps": (0, 25), "block_size": 16, "backend": "torch"}
-
-    @classmethod
-    def event_steps(cls, config):
-        return tuple(config.search_steps)
 
     def search_call(self, q, k, v):
         cfg = self.config

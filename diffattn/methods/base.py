@@ -43,6 +43,8 @@ class MethodConfig:
     """
 
     method: ClassVar[str] = ""
+    # Named settings (a model family's official values, a window family) that :meth:`preset` expands.
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -82,6 +84,13 @@ class MethodConfig:
 
     def replace(self, **changes: Any) -> "MethodConfig":
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "MethodConfig":
+        """The config of preset ``name`` (see ``PRESETS``), with ``overrides`` on top."""
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown {cls.__name__} preset {name!r}; choose one of {sorted(cls.PRESETS)}")
+        return cls(**{**cls.PRESETS[name], **overrides})
 
 
 def _jsonable(value: Any) -> Any:
@@ -160,7 +169,6 @@ class AttnContext:
     layer: str = ""
     layer_index: int = 0
     num_layers: int = 1
-    is_self: bool = True
     grid: tuple[int, int, int] | None = None
     text_len: int = 0
     text_first: bool = False
@@ -257,7 +265,8 @@ class AttentionMethod:
     ``drawing`` (how ``diffattn draw`` pictures it; None: no picture), ``benchmarks`` (per benchmark —
     ``"kernel"``, ``"quality"``, ``"tiny"`` — the variants it runs; a benchmark not named leaves the
     method out), ``steady_step`` (a step of 50 at which it runs its steady-state plan),
-    :meth:`event_steps` (steps of 50 at which it plans anew) and ``small_example`` (config fields with
+    :meth:`event_steps` (steps of 50 at which it plans anew: by default the steps listed in the config
+    field ``event_steps_field`` names) and ``small_example`` (config fields with
     which it does its real work on a latent grid of a few hundred tokens: small blocks and windows, no
     warm-up, the PyTorch backend; what a check on a tiny model runs).
     """
@@ -269,13 +278,14 @@ class AttentionMethod:
     drawing: ClassVar[Drawing | None] = None
     benchmarks: ClassVar[dict[str, tuple[Variant, ...]]] = {}
     steady_step: ClassVar[int] = 40
+    event_steps_field: ClassVar[str | None] = None
     small_example: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def event_steps(cls, config: MethodConfig) -> tuple[int, ...]:
         """Steps (of a 50-step schedule) at which ``config`` makes a new plan (searches, calibrations);
         a benchmark calls the method there before measuring it at ``steady_step``."""
-        return ()
+        return tuple(getattr(config, cls.event_steps_field)) if cls.event_steps_field else ()
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         if config is None:

@@ -21,9 +21,17 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..patterns import check_block_size
 from ..patterns import neighborhood as na
-from .base import DEFAULTS, AttnContext, Drawing, MethodConfig, Variant, register_method
-from .sparse import Backend, VideoSparseMethod, _check_block_size, kernel_attention, layout_density
+from .base import DEFAULTS, Drawing, MethodConfig, Variant, register_method
+from .sparse import (
+    Backend,
+    VideoSparseMethod,
+    check_warmup,
+    kernel_attention,
+    layout_density,
+    warmup_layers_and_steps,
+)
 
 __all__ = ["GNAConfig", "GNAMethod"]
 
@@ -73,24 +81,12 @@ class GNAConfig(MethodConfig):
                 f"GNAConfig.stride must be <= kernel_size on every axis, got stride={self.stride} "
                 f"kernel_size={self.kernel_size}"
             )
-        if self.dense_layers < 0:
-            raise ValueError(f"GNAConfig.dense_layers must be >= 0, got {self.dense_layers}")
-        if not 0 <= self.dense_steps <= 50:
-            raise ValueError(
-                f"GNAConfig.dense_steps counts steps of a 50-step schedule; use 0..50, got {self.dense_steps}"
-            )
-        _check_block_size(self.block_size, "GNAConfig.block_size")
+        check_warmup(self)
+        check_block_size(self.block_size, "GNAConfig.block_size")
         try:
             na._check_tile((1, 1, 1), self.tile_shape, self.block_size)
         except ValueError as e:
             raise ValueError(f"GNAConfig.tile_shape: {e}") from None
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "GNAConfig":
-        """A window family — ``"sliding"``, ``"strided"`` or ``"blocked"`` — with overrides."""
-        if name not in cls.PRESETS:
-            raise ValueError(f"unknown GNA preset {name!r}; choose one of {sorted(cls.PRESETS)}")
-        return cls(**{**cls.PRESETS[name], **overrides})
 
 
 @register_method
@@ -108,14 +104,11 @@ class GNAMethod(VideoSparseMethod):
             Variant({"kernel_size": (4, 16, 16), "stride": (4, 8, 8)}, "k=(4, 16, 16) s=(4, 8, 8)"),
         ),
     }
-
     small_example = {
         "kernel_size": (3, 3, 3), "stride": (1, 1, 2), "tile_shape": (2, 2, 4), "block_size": 16, "backend": "torch",
     }
 
-    def use_dense(self, ctx: AttnContext) -> bool:
-        cfg = self.config
-        return ctx.layer_index < cfg.dense_layers or ctx.step < ctx.scaled_step(cfg.dense_steps)
+    use_dense = warmup_layers_and_steps
 
     def plan(self, grid: tuple[int, int, int], device: torch.device) -> na.GNAPlan:
         """Tiling and layout for a latent ``grid`` (cached per shape and device)."""

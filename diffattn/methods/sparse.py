@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import BlockSparseLayout, block_sparse_attention, merge_attention
+from ..patterns import check_block_size
 from .base import DEFAULTS, AttentionMethod, AttnContext, MethodConfig, register_method
 
 __all__ = [
@@ -69,12 +70,23 @@ class DenseConfig(MethodConfig):
     backend: Backend = "auto"
 
     def validate(self) -> None:
-        _check_block_size(self.block_size)
+        check_block_size(self.block_size, "DenseConfig.block_size")
 
 
-def _check_block_size(value: int, name: str = "block_size") -> None:
-    if value < 16 or value & (value - 1):
-        raise ValueError(f"{name} must be a power of two >= 16 (64 or 128 are typical), got {value}")
+def check_warmup(config: MethodConfig) -> None:
+    """Check a config's ``dense_layers`` and ``dense_steps`` (the warm-up of the static video methods)."""
+    name = type(config).__name__
+    if config.dense_layers < 0:
+        raise ValueError(f"{name}.dense_layers must be >= 0, got {config.dense_layers}")
+    if not 0 <= config.dense_steps <= 50:
+        raise ValueError(f"{name}.dense_steps counts steps of a 50-step schedule; use 0..50, got {config.dense_steps}")
+
+
+def warmup_layers_and_steps(method: "VideoSparseMethod", ctx: AttnContext) -> bool:
+    """A ``use_dense``: dense in the first ``config.dense_layers`` layers and the first
+    ``config.dense_steps`` steps (of 50, scaled to the run)."""
+    cfg = method.config
+    return ctx.layer_index < cfg.dense_layers or ctx.step < ctx.scaled_step(cfg.dense_steps)
 
 
 def kernel_attention(
