@@ -25,6 +25,7 @@ __all__ = [
     "Drawing",
     "MethodInfo",
     "Variant",
+    "benchmark_variants",
     "describe",
     "register_method",
     "get_method_class",
@@ -366,6 +367,23 @@ def describe(name: str) -> MethodInfo:
         steady_step=cls.steady_step,
         small_example=dict(cls.small_example),
     )
+
+
+def benchmark_variants(benchmark: str) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Every variant of every method taking part in ``benchmark``, in registration order: label ->
+    (method name, config fields over its defaults); a variant without a label is named by its method.
+
+    >>> benchmark_variants("tiny")["gna-small"]
+    ('gna', {'kernel_size': (5, 8, 8), 'stride': (1, 4, 4)})
+    """
+    out: dict[str, tuple[str, dict[str, Any]]] = {}
+    for name in method_names(benchmark=benchmark):
+        for variant in get_method_class(name).benchmarks[benchmark]:
+            label = variant.label or name
+            if label in out:
+                raise ValueError(f"benchmark {benchmark!r} has two variants labelled {label!r}; give them distinct labels")
+            out[label] = (name, dict(variant.fields))
+    return out
 
 
 def get_method_class(name: str) -> type[AttentionMethod]:

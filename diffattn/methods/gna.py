@@ -24,14 +24,7 @@ import torch
 from ..patterns import check_block_size
 from ..patterns import neighborhood as na
 from .base import DEFAULTS, Drawing, MethodConfig, Variant, register_method
-from .sparse import (
-    Backend,
-    VideoSparseMethod,
-    check_warmup,
-    kernel_attention,
-    layout_density,
-    warmup_layers_and_steps,
-)
+from .sparse import Backend, VideoSparseMethod, check_warmup, kernel_attention, layout_density, warmup_layers_and_steps
 
 __all__ = ["GNAConfig", "GNAMethod"]
 

@@ -21,14 +21,7 @@ import torch
 from ..patterns import check_block_size
 from ..patterns import radial as radial_pattern
 from .base import DEFAULTS, Drawing, MethodConfig, Variant, register_method
-from .sparse import (
-    Backend,
-    VideoSparseMethod,
-    check_warmup,
-    kernel_attention,
-    layout_density,
-    warmup_layers_and_steps,
-)
+from .sparse import Backend, VideoSparseMethod, check_warmup, kernel_attention, layout_density, warmup_layers_and_steps
 
 __all__ = ["RadialConfig", "RadialMethod"]
 
