@@ -4,7 +4,9 @@ apply -> four denoising steps -> the stats rows say the method ran (and planned 
 step) -> remove restores the very processors and the dense output. The output differs from dense by a
 bounded amount, and a method that computes through the block-sparse kernel gives the output of its own
 plan computed by the plain-PyTorch oracle (``dense_masked_attention`` with the layout's token mask)
-instead of the kernel.
+instead of the kernel. With its lossless example a method reproduces the dense model at every step:
+a token put in the wrong place (permutation, text merge, padding) fails there, where the residual
+stream of a random tiny model would hide it in the bounded distance.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from tests import tiny_models as T
 from tests.tolerances import MODEL_TOL
 
 # One model per family: HunyuanVideo has joint text after the video, with padded text keys.
-MODELS = {"video": ("hunyuanvideo", (8, 4, 6)), "unet": ("unet", (1, 16, 16))}
+MODELS = {"video": ("hunyuanvideo", (3, 8, 8)), "unet": ("unet", (1, 16, 16))}
 TIMESTEPS = (900, 700, 500, 300)
 # Relative L2 distance of the last step's output from dense, at most: every small example keeps most
 # of the attention, so a broken permutation, text merge or padding mask shows as an O(1) error.
@@ -66,7 +68,8 @@ def test_every_method_has_a_family_model_and_a_small_example():
     for name in diffattn.methods():
         about = describe(name)
         assert set(about.families) & set(MODELS), f"{name}: families {about.families} have no tiny model here"
-        about.config(diffattn.methods.Variant(about.small_example))  # a valid config
+        for example in (about.small_example, about.lossless_example):
+            about.config(diffattn.methods.Variant(example))  # a valid config
 
 
 @pytest.mark.parametrize("name", diffattn.methods())
@@ -110,6 +113,20 @@ def test_method_contract_on_a_tiny_model(name, models, monkeypatch):
     reference = _steps(model, kw)
     diffattn.remove(model)
     for got, want in zip(out, reference):
+        torch.testing.assert_close(got, want, atol=MODEL_TOL[0], rtol=MODEL_TOL[1])
+
+
+
+@pytest.mark.parametrize("name", diffattn.methods())
+def test_lossless_example_reproduces_the_dense_model(name, models):
+    about = describe(name)
+    model, kw, dense = models[next(f for f in MODELS if f in about.families)]
+    diffattn.apply(model, name, min_tokens=0, num_steps=len(TIMESTEPS), **about.lossless_example)
+    out = _steps(model, kw)
+    rows = diffattn.stats(model).rows
+    diffattn.remove(model)
+    assert rows and not any(r.get("fallback") for r in rows)
+    for got, want in zip(out, dense):
         torch.testing.assert_close(got, want, atol=MODEL_TOL[0], rtol=MODEL_TOL[1])
 
 

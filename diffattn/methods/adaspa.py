@@ -159,6 +159,7 @@ class AdaSpaMethod(VideoSparseMethod):
     }
     event_steps_field = "search_steps"
     small_example = {"sparsity": 0.6, "warmup_steps": 0, "search_steps": (0, 25), "block_size": 16, "backend": "torch"}
+    lossless_example = {**small_example, "sparsity": 0.0, "head_adaptive": False}
 
     def search_call(self, q, k, v):
         cfg = self.config

@@ -228,6 +228,8 @@ class AgentMethod(AttentionMethod):
     # On a video transformer a benchmark runs the DiT layout, measured at a step where agents run.
     benchmarks = {"kernel": (Variant({"layout": "dit"}),), "tiny": (Variant({"layout": "dit"}),)}
     steady_step = 0
+    # Agent attention is never exact: only the late dense phase reproduces dense attention.
+    lossless_example = {"agent_steps": 0, "late": "dense"}
 
     def phase(self, ctx: AttnContext) -> str:
         """"agent" for the early steps, then ``config.late``."""

@@ -244,6 +244,7 @@ class MethodInfo:
     event_steps: tuple[int, ...]
     steady_step: int
     small_example: dict[str, Any]
+    lossless_example: dict[str, Any]
 
     def config(self, variant: Variant = Variant(), **fields: Any) -> MethodConfig:
         """The config of ``variant`` with ``fields`` on top, keeping only fields the config has (a
@@ -269,7 +270,9 @@ class AttentionMethod:
     :meth:`event_steps` (steps of 50 at which it plans anew: by default the steps listed in the config
     field ``event_steps_field`` names) and ``small_example`` (config fields with
     which it does its real work on a latent grid of a few hundred tokens: small blocks and windows, no
-    warm-up, the PyTorch backend; what a check on a tiny model runs).
+    warm-up, the PyTorch backend; what a check on a tiny model runs) and ``lossless_example`` (the
+    same with a setting that keeps all of attention, so the method must reproduce dense attention
+    through all of its machinery: permutations, plans, text and padding handling).
     """
 
     name: ClassVar[str] = ""
@@ -281,6 +284,7 @@ class AttentionMethod:
     steady_step: ClassVar[int] = 40
     event_steps_field: ClassVar[str | None] = None
     small_example: ClassVar[dict[str, Any]] = {}
+    lossless_example: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def event_steps(cls, config: MethodConfig) -> tuple[int, ...]:
@@ -366,6 +370,7 @@ def describe(name: str) -> MethodInfo:
         event_steps=tuple(cls.event_steps(cls.config_cls())),
         steady_step=cls.steady_step,
         small_example=dict(cls.small_example),
+        lossless_example=dict(cls.lossless_example),
     )
 
 

@@ -100,6 +100,7 @@ class GNAMethod(VideoSparseMethod):
     small_example = {
         "kernel_size": (3, 3, 3), "stride": (1, 1, 2), "tile_shape": (2, 2, 4), "block_size": 16, "backend": "torch",
     }
+    lossless_example = {**small_example, "kernel_size": (64, 64, 64), "stride": (1, 1, 1)}
 
     use_dense = warmup_layers_and_steps
 

@@ -167,6 +167,7 @@ class PAROMethod(VideoSparseMethod):
     }
     event_steps_field = "calibration_steps"
     small_example = {"density": 0.4, "calibration_steps": (0, 25), "block_size": 16, "backend": "torch"}
+    lossless_example = {**small_example, "density": 1.0}
 
     def reset(self) -> None:
         super().reset()

@@ -91,9 +91,11 @@ class RadialMethod(VideoSparseMethod):
         ),
     }
     small_example = {
-        "decay_factor": 0.5, "pattern_block": 16, "block_size": 16, "dense_layers": 0, "dense_steps": 0,
+        "attention_sink": False, "pattern_block": 16, "block_size": 16, "dense_layers": 0, "dense_steps": 0,
         "backend": "torch",
     }
+    # A window wider than any frame: dense on grids of at most three frames (no temporal striding yet).
+    lossless_example = {**small_example, "decay_factor": 1e6}
 
     use_dense = warmup_layers_and_steps
 

@@ -183,7 +183,7 @@ class DenseMethod(AttentionMethod):
     config_cls = DenseConfig
     families = ("video", "unet")
     benchmarks = {"quality": DEFAULTS}
-    small_example = {"block_size": 16, "backend": "torch"}
+    small_example = lossless_example = {"block_size": 16, "backend": "torch"}
 
     def attend(self, q, k, v, ctx):
         b, _, n, _ = q.shape

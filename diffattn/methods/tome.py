@@ -254,6 +254,7 @@ class ToMeMethod(AttentionMethod):
     state_cls = LevelGate
     families = ("unet",)
     drawing = Drawing("tome", "the token-merging partition of a latent grid")
+    lossless_example = {"ratio": 0.0}
 
     def attend(self, q, k, v, ctx):
         cfg: ToMeConfig = self.config
