@@ -342,7 +342,8 @@ def _run_steps(model, name, grid, timesteps):
     return outs
 
 
-@pytest.mark.parametrize("name", ["wan", "cogvideox"])
+# CogVideoX puts its text before the video; tests/test_methods_contract.py runs a model with text after it.
+@pytest.mark.parametrize("name", ["cogvideox"])
 def test_adaspa_through_apply_on_tiny_models(name):
     import diffattn
     from tests import tiny_models as T
