@@ -37,16 +37,8 @@ def models():
     for family, (name, grid) in MODELS.items():
         model = T.build(name)
         kw = T.inputs(name, grid)
-        out[family] = (model, kw, _steps(model, kw, TIMESTEPS[family]))
+        out[family] = (model, kw, T.run_steps(model, kw, TIMESTEPS[family]))
     return out
-
-
-def _steps(model, kw, timesteps) -> list[torch.Tensor]:
-    outs = []
-    for t in timesteps:
-        kw["timestep"] = torch.full_like(kw["timestep"], t)
-        outs.append(T.run(model, kw))
-    return outs
 
 
 def _counting(calls: list, attention):
@@ -88,7 +80,7 @@ def test_method_contract_on_a_tiny_model(name, models, monkeypatch):
     monkeypatch.setattr(sparse, "block_sparse_attention", _counting(calls, sparse.block_sparse_attention))
     diffattn.apply(model, name, min_tokens=0, num_steps=len(steps), **about.small_example)
     assert any(p is not before[k] for k, p in model.attn_processors.items())
-    out = _steps(model, kw, steps)
+    out = T.run_steps(model, kw, steps)
     rows = diffattn.stats(model).rows
     diffattn.remove(model)
 
@@ -115,7 +107,7 @@ def test_method_contract_on_a_tiny_model(name, models, monkeypatch):
         return  # compared with the dense model itself above
     monkeypatch.setattr(sparse, "block_sparse_attention", _oracle)
     diffattn.apply(model, name, min_tokens=0, num_steps=len(steps), **about.small_example)
-    reference = _steps(model, kw, steps)
+    reference = T.run_steps(model, kw, steps)
     diffattn.remove(model)
     for got, want in zip(out, reference):
         torch.testing.assert_close(got, want, atol=MODEL_TOL[0], rtol=MODEL_TOL[1])
@@ -128,7 +120,7 @@ def test_lossless_example_reproduces_the_dense_model(name, models):
     family = next(f for f in MODELS if f in about.families)
     model, kw, dense = models[family]
     diffattn.apply(model, name, min_tokens=0, num_steps=len(TIMESTEPS[family]), **about.lossless_example)
-    out = _steps(model, kw, TIMESTEPS[family])
+    out = T.run_steps(model, kw, TIMESTEPS[family])
     rows = diffattn.stats(model).rows
     diffattn.remove(model)
     assert rows and not any(r.get("fallback") for r in rows)
