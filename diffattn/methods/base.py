@@ -223,7 +223,7 @@ class Drawing(NamedTuple):
 
 class Variant(NamedTuple):
     """One configuration a benchmark runs: config fields over the defaults and its label in tables
-    (``""`` for the defaults: tables then show the method's name)."""
+    (``""``: the method's name)."""
 
     fields: dict[str, Any] = {}
     label: str = ""
@@ -247,8 +247,8 @@ class MethodInfo:
     lossless_example: dict[str, Any]
 
     def config(self, variant: Variant = Variant(), **fields: Any) -> MethodConfig:
-        """The config of ``variant`` with ``fields`` on top, keeping only fields the config has (a
-        benchmark may pass ``backend`` to every method, and not every method has one)."""
+        """The config of ``variant`` over ``fields`` a benchmark gives every method (e.g. ``backend``);
+        those the config does not have are left out, as not every method has a backend."""
         known = {f.name for f in dataclasses.fields(self.config_cls)}
         return self.config_cls(**{**{k: v for k, v in fields.items() if k in known}, **variant.fields})
 
