@@ -13,7 +13,7 @@ Typical use::
 """
 
 from . import methods
-from .methods import AttnContext, MethodConfig, make_config
+from .methods import AttnContext, MethodConfig, get_method_class, make_config, method_names
 from .processors import (
     ModelSpec,
     SparseAttnProcessor,
@@ -25,13 +25,25 @@ from .processors import (
     supported_models,
 )
 
-_methods = methods
-
-# Every method's config class (DenseConfig, RadialConfig, GNAConfig, AdaSpaConfig, PAROConfig, ...).
-_configs = {n: getattr(_methods, n) for n in _methods.__all__ if n.endswith("Config") and n != "MethodConfig"}
-globals().update(_configs)
-
 __version__ = "0.1.0"
+
+
+def _config_classes() -> dict[str, type[MethodConfig]]:
+    """Every registered method's config class by name (DenseConfig, RadialConfig, GNAConfig, ...)."""
+    return {get_method_class(m).config_cls.__name__: get_method_class(m).config_cls for m in method_names()}
+
+
+def __getattr__(name: str):
+    # The config classes come from the registry, so a new method needs no line here.
+    configs = _config_classes()
+    if name in configs:
+        return configs[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_config_classes()})
+
 
 __all__ = [
     "AttnContext",
@@ -47,5 +59,5 @@ __all__ = [
     "stats",
     "supported_models",
     "__version__",
-    *sorted(_configs),
+    *sorted(_config_classes()),
 ]

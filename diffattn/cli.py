@@ -182,25 +182,24 @@ def _run_bench(args, parser) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- draw
-_PATTERNS = {  # name -> (module in diffattn.patterns, what it draws)
-    "radial": ("radial", "Radial's static block mask for a video shape"),
-    "gna": ("neighborhood", "a generalized neighborhood attention window and its tile layout"),
-    "adaspa": ("adaspa", "AdaSpa's per-head block masks on synthetic DiT-like attention"),
-    "paro": ("paro", "PARO's per-head permutation and block mask on synthetic attention"),
-    "tome": ("tome", "the token-merging partition of a latent grid"),
-}
+def _drawings() -> dict:
+    """Every registered method that declares a drawing: name -> :class:`~diffattn.methods.Drawing`."""
+    from .methods import describe, method_names
+
+    return {n: describe(n).drawing for n in method_names() if describe(n).drawing is not None}
 
 
 def _add_draw(sub) -> None:
+    drawings = _drawings()
     p = sub.add_parser(
         "draw",
-        help="draw a method's attention pattern to an image: " + ", ".join(_PATTERNS),
+        help="draw a method's attention pattern to an image: " + ", ".join(drawings),
         description="Draw an attention pattern; arguments after its name go to it "
         "(e.g. `diffattn draw radial --help`).\n"
-        + "\n".join(f"  {k:8s} {what}" for k, (_, what) in _PATTERNS.items()),
+        + "\n".join(f"  {k:8s} {d.what}" for k, d in drawings.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("which", choices=sorted(_PATTERNS))
+    p.add_argument("which", choices=sorted(drawings))
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(handler=_run_draw)
 
@@ -237,7 +236,7 @@ def _run_draw(args, parser) -> int:
         if problem:
             print(f"{prog}: {problem}", file=sys.stderr)
             return 2
-    module = importlib.import_module(f"diffattn.patterns.{_PATTERNS[args.which][0]}")
+    module = importlib.import_module(f"diffattn.patterns.{_drawings()[args.which].module}")
     try:
         module.main(args.args, prog=prog)
     except OSError as e:  # e.g. no permission to write there: one line, not matplotlib's traceback

@@ -177,15 +177,6 @@ def test_plain_attention_among_merged_tokens_when_agents_are_half_of_them(agent_
     assert (float((forced - out).abs().max()) > 1e-3) == agents
 
 
-def test_random_destinations_are_off_for_odd_batches():
-    torch.manual_seed(15)
-    q, k, v = (torch.randn(1, 2, 256, 8) for _ in range(3))
-    x = torch.randn(1, 256, 6)
-    run = lambda **f: get_method_class("agent")(AgentConfig(**f)).attend(q, k, v, unet_ctx(16, 16, step=1, block_input=x))
-    assert torch.equal(run(), run(use_rand=False))
-    assert not torch.equal(run(random_odd_batch=True), run(use_rand=False))
-
-
 @pytest.mark.parametrize("source", ["merge", "pool"])
 def test_all_tokens_as_agents_is_query_smoothed_dense_attention(source):
     """With A = Q (no merging, every token an agent) and no shortcut, the agents' features are exactly dense

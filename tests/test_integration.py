@@ -9,37 +9,15 @@ import torch
 
 import diffattn
 from diffattn.kernels import BlockSparseLayout
-from diffattn.methods import AttentionMethod, MethodConfig, VideoSparseMethod, register_method
+from diffattn.methods import MethodConfig, VideoSparseMethod, register_method
 from diffattn.methods.sparse import kernel_attention
 from diffattn.processors.state import StepTracker
 from tests import tiny_models as T
+from tests.probes import RecordConfig, RecordMethod
 from tests.tolerances import MODEL_TOL
 
 
 # -------------------------------------------------------------------- methods used only by these tests
-@dataclass(frozen=True)
-class _RecordConfig(MethodConfig):
-    """Dense attention that records the context of every call (for checking what processors publish)."""
-
-
-@register_method
-class _RecordMethod(AttentionMethod):
-    name = "_test_record"
-    config_cls = _RecordConfig
-
-    def reset(self):
-        self.calls = getattr(self, "calls", [])
-        self.resets = getattr(self, "resets", -1) + 1
-
-    def attend(self, q, k, v, ctx):
-        self.calls.append(
-            dict(key=ctx.cache_key, step=ctx.step, branch=ctx.branch, grid=ctx.grid, text_len=ctx.text_len,
-                 num_steps=ctx.num_steps, batch=q.shape[0], layer_index=ctx.layer_index)
-        )
-        mask = None if ctx.key_padding is None else ctx.key_padding[:, None, None, :]
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=ctx.scale)
-
-
 @dataclass(frozen=True)
 class _FullVideoConfig(MethodConfig):
     """A video method whose video part is a full layout: exercises the text split/merge path."""
@@ -102,7 +80,7 @@ def test_grid_and_text_span(models, name, grid):
     model = models[name]
     kw = T.inputs(name, grid)
     method = diffattn.apply(model, "_test_record", min_tokens=0)
-    assert isinstance(method, _RecordConfig)
+    assert isinstance(method, RecordConfig)
     T.run(model, kw)
     state = diffattn.processors.sparse.state_of(model)
     calls = state.methods[0].calls
@@ -316,4 +294,4 @@ def test_methods_call_and_subpackage_share_a_name(models):
 
 def test_private_methods_are_not_listed():
     assert "_test_record" not in diffattn.methods() and "dense" in diffattn.methods()
-    assert diffattn.methods.get_method_class("_test_record") is _RecordMethod
+    assert diffattn.methods.get_method_class("_test_record") is RecordMethod

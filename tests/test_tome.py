@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
 
 import diffattn
-from diffattn.methods import AttentionMethod, AttnContext, MethodConfig, ToMeConfig, get_method_class, register_method
+from diffattn.methods import AttnContext, ToMeConfig, get_method_class
 from diffattn.methods.tome import draw_generator, window_stride
 from diffattn.patterns.tome import (
     bipartite_matching,
@@ -18,6 +17,7 @@ from diffattn.patterns.tome import (
     merge_count,
     token_merge,
 )
+from tests import probes  # noqa: F401  (registers "_test_record")
 from tests import tiny_models as T
 from tests.tolerances import MODEL_TOL, assert_close
 
@@ -301,17 +301,21 @@ def test_stride_longer_than_the_grid_is_cut_to_it(caplog):
     assert "larger than the (3, 8) token grid" in caplog.text
 
 
-def test_random_destinations_are_off_for_odd_batches():
+@pytest.mark.parametrize("name", ["tome", "agent"])  # AgentSD draws its destinations as tomesd does
+def test_random_destinations_are_off_for_odd_batches(name):
     """tomesd turns use_rand off for odd batches; random_odd_batch=True keeps them."""
     torch.manual_seed(3)
     q, k, v = (torch.randn(1, 2, 256, 8) for _ in range(3))
     x = torch.randn(1, 256, 6)
-    run = lambda **f: get_method_class("tome")(ToMeConfig(**f)).attend(q, k, v, unet_ctx(16, 16, step=2, block_input=x))
-    assert torch.equal(run(), run(use_rand=False))
-    assert not torch.equal(run(random_odd_batch=True), run(use_rand=False))
-    q2, k2, v2, x2 = (torch.cat([t, t]) for t in (q, k, v, x))
-    even = get_method_class("tome")(ToMeConfig()).attend(q2, k2, v2, unet_ctx(16, 16, step=2, block_input=x2))
-    assert not torch.equal(even[:1], run(use_rand=False))
+    cls = get_method_class(name)
+
+    def run(q, k, v, x, **fields):
+        return cls(cls.config_cls(**fields)).attend(q, k, v, unet_ctx(16, 16, step=2, block_input=x))
+
+    assert torch.equal(run(q, k, v, x), run(q, k, v, x, use_rand=False))
+    assert not torch.equal(run(q, k, v, x, random_odd_batch=True), run(q, k, v, x, use_rand=False))
+    even = run(*(torch.cat([t, t]) for t in (q, k, v, x)))
+    assert not torch.equal(even[:1], run(q, k, v, x, use_rand=False))
 
 
 def test_proportional_attention_is_exact_for_duplicate_tokens():
@@ -360,24 +364,6 @@ def test_only_highest_resolution_layers_by_default(unet):
         assert phases == expect
 
 
-@dataclass(frozen=True)
-class _BlockProbeConfig(MethodConfig):
-    """Dense attention that keeps the block input and latent grid each call was given."""
-
-
-@register_method
-class _BlockProbe(AttentionMethod):
-    name = "_test_block_probe"
-    config_cls = _BlockProbeConfig
-
-    def reset(self):
-        self.seen = getattr(self, "seen", {})
-
-    def attend(self, q, k, v, ctx):
-        self.seen[ctx.layer] = (ctx.block_input, ctx.latent_grid)
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=ctx.scale)
-
-
 def test_each_layer_gets_its_transformer_blocks_input(unet):
     from diffusers.models.attention import BasicTransformerBlock
 
@@ -386,10 +372,10 @@ def test_each_layer_gets_its_transformer_blocks_input(unet):
         if isinstance(block, BasicTransformerBlock):
             keep = lambda mod, args, kw, name=name: captured.__setitem__(f"{name}.attn1", kw.get("hidden_states", args[0] if args else None))
             handles.append(block.register_forward_pre_hook(keep, with_kwargs=True))
-    diffattn.apply(unet, "_test_block_probe", min_tokens=0)
+    diffattn.apply(unet, "_test_record", min_tokens=0)
     try:
         T.run(unet, T.inputs("unet", (1, 9, 13), batch=2))
-        seen = diffattn.method_of(unet).seen
+        seen = {c["layer"]: (c["block_input"], c["latent_grid"]) for c in diffattn.method_of(unet).calls}
         from diffattn.processors.blocks import block_input_of
 
         kept = [n for n, m in unet.named_modules() if hasattr(m, "processor") and block_input_of(m) is not None]

@@ -194,6 +194,15 @@ def run(model: torch.nn.Module, kwargs: dict) -> torch.Tensor:
     return out
 
 
+def run_steps(model: torch.nn.Module, kwargs: dict, timesteps) -> list[torch.Tensor]:
+    """One forward per timestep, the other inputs unchanged: the steps of a denoising run."""
+    outs = []
+    for t in timesteps:
+        kwargs["timestep"] = torch.full_like(kwargs["timestep"], t)
+        outs.append(run(model, kwargs))
+    return outs
+
+
 def wan_pipeline(seed: int = 0):
     """A tiny random WanPipeline (Wan VAE + the tiny Wan transformer), used with ``prompt_embeds``."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline

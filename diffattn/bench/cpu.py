@@ -37,13 +37,13 @@ import torch.nn.functional as F
 
 from diffattn.bench.common import default_output, environment, write_rows
 from diffattn.kernels import BlockSparseLayout, block_sparse_attention, cdiv
+from diffattn.methods import method_names
 
 LENGTHS = (8192, 32760)
 DENSITIES = (1.0, 0.5, 0.2, 0.1)
-METHOD_LAYOUTS = ("radial", "gna", "adaspa", "paro")
+METHOD_LAYOUTS = tuple(method_names(family="video", benchmark="kernel"))
 # Latent grids (F, H, W) for the method layouts: F * H * W tokens.
 GRIDS = {8192: (8, 32, 32), 32760: (21, 30, 52)}
-_LATE_STEP, _EVENT_STEPS = 40, {"adaspa": (10, 30), "paro": (5, 25)}
 
 
 def random_layout(heads: int, n: int, block: int, density: float, seed: int = 0) -> BlockSparseLayout:
@@ -77,29 +77,12 @@ class _Flex:
 
 
 def _method_calls(name: str, grid: tuple[int, int, int], b: int, h: int, d: int):
-    """The method at its defaults on synthetic inputs: (q, k, v) at the measured step, its recorded
-    block-sparse calls and its config."""
-    from diffattn.methods import AttnContext, get_method_class
-    from diffattn.methods.sparse import capture_kernel_calls
-    from diffattn.patterns.synthetic import synthetic_qkv
+    """The method's kernel-benchmark variant on synthetic inputs: (q, k, v) at the measured step, its
+    recorded block-sparse calls and its config."""
+    from diffattn.bench.kernel import run_method
 
-    cls = get_method_class(name)
-    fields = set(cls.config_cls.__dataclass_fields__)
-    cfg = cls.config_cls(**({"backend": "torch"} if "backend" in fields else {}))
-    method = cls(cfg)
-
-    def inputs(step):
-        return synthetic_qkv(grid, b, h, d, seed=0, time=0.01 * step, dtype=torch.float32, device="cpu")
-
-    def ctx(step):
-        return AttnContext(layer="bench", layer_index=15, num_layers=30, grid=grid, step=step, num_steps=50)
-
-    for step in _EVENT_STEPS.get(name, ()):
-        method.attend(*inputs(step), ctx(step))
-    q, k, v = inputs(_LATE_STEP)
-    with capture_kernel_calls() as calls:
-        method.attend(q, k, v, ctx(_LATE_STEP))
-    return (q, k, v), list(calls), {key: val for key, val in cfg.to_dict().items() if key != "backend"}
+    r = run_method(name, grid, b, h, d, torch.float32, torch.device("cpu"), "torch")
+    return r.qkv, r.calls, {key: val for key, val in r.method.config.to_dict().items() if key != "backend"}
 
 
 def _interleaved_min(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:

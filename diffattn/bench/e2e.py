@@ -49,8 +49,8 @@ class Preset:
     layer_attr: str = "blocks"
 
 
-VIDEO_METHODS = ("dense", "radial", "gna", "adaspa", "paro")
-UNET_METHODS = ("dense", "agent", "tome")
+VIDEO_METHODS = tuple(diffattn.methods.method_names(family="video"))
+UNET_METHODS = tuple(diffattn.methods.method_names(family="unet"))
 
 
 def _wan(heads: int, ffn: int, layers: int, in_ch: int = 16, text_dim: int = 4096):
@@ -214,12 +214,13 @@ def run(
             torch.cuda.synchronize(dev)
         return (time.perf_counter() - t0) * 1e3
 
-    # Steps at which the methods change phase (dense warm-up, searches, plan refreshes), out of 50.
-    warm_steps = sorted({min(steps - 1, round(s * steps / 50)) for s in (0, 5, 10, 25, 30, 49)})
     rows: list[dict[str, Any]] = []
     dense_row: dict[str, Any] | None = None
     for method in methods:
         method_cfg = (configs or {}).get(method, {})
+        # The first and last steps and those where the method plans anew (searches, calibrations), out of 50.
+        events = diffattn.methods.get_method_class(method).event_steps(diffattn.make_config(method, method_cfg))
+        warm_steps = sorted({min(steps - 1, round(s * steps / 50)) for s in (0, *events, 49)})
         # Warm-up: one untimed call at each phase-change step compiles and autotunes every kernel the
         # schedule will launch; it is reported apart (warmup_s) and the method starts afresh after.
         diffattn.apply(model, method, min_tokens=min_tokens, **method_cfg)

@@ -36,7 +36,6 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-VIDEO_METHODS = ("radial", "gna", "adaspa", "paro")
 # --smoke: the same phases with fewer methods, so the CPU run stays within a minute or two.
 SMOKE_KERNEL_METHODS = ("radial", "adaspa")
 SMOKE_MODEL_METHODS = ("radial",)
@@ -388,7 +387,7 @@ def kernel_timings(run: Run, device, smoke: bool, backends: tuple[str, ...]) -> 
         layouts: list[tuple[str, float, list]] = []
         dense = BlockSparseLayout.dense(1, 1, n, n, 128 if not smoke else 64, 64, device=device)
         layouts.append(("dense", 1.0, [(q, k, v, dense, None)]))
-        for method in SMOKE_KERNEL_METHODS if smoke else VIDEO_METHODS:
+        for method in SMOKE_KERNEL_METHODS if smoke else _video_methods():
             if run.over_budget("kernel", f"{shape} {method} layout"):
                 break
             try:
@@ -428,34 +427,21 @@ def kernel_timings(run: Run, device, smoke: bool, backends: tuple[str, ...]) -> 
             torch.cuda.empty_cache()
 
 
+def _video_methods() -> list[str]:
+    """The video methods whose block-sparse kernel calls are replayed (read from the registry when the
+    check runs: importing it at the top would load torch before a missing one could be reported)."""
+    from diffattn.methods import method_names
+
+    return method_names(family="video", benchmark="kernel")
+
+
 def _captured_calls(method: str, grid, b, h, d, dtype, device) -> list:
-    """The (q, k, v, layout, scale) kernel calls ``method`` makes at a late step on synthetic inputs."""
-    import torch
+    """The (q, k, v, layout, scale) kernel calls ``method`` makes at its steady step on synthetic inputs."""
+    from .kernel import run_method
 
-    from diffattn.methods import AttnContext, get_method_class
-    from diffattn.methods.sparse import capture_kernel_calls
-    from diffattn.patterns.synthetic import synthetic_qkv
-
-    from .kernel import EVENT_STEPS, LATE_STEP
-
-    cls = get_method_class(method)
-    fields = set(cls.config_cls.__dataclass_fields__)
     backend = "triton" if device.type == "cuda" else "torch"
-    m = cls(cls.config_cls(**({"backend": backend} if "backend" in fields else {})))
-
-    def ctx(step):
-        return AttnContext(layer="bench", layer_index=15, num_layers=30, grid=grid, step=step, num_steps=50,
-                           record=lambda **kw: None)
-
-    def inputs(step):
-        return synthetic_qkv(grid, b, h, d, seed=0, time=0.01 * step, dtype=dtype, device=device)
-
-    with torch.no_grad():
-        for step in EVENT_STEPS.get(method, ()):
-            m.attend(*inputs(step), ctx(step))
-        with capture_kernel_calls() as calls:
-            m.attend(*inputs(LATE_STEP), ctx(LATE_STEP))
-    return [(c.q, c.k, c.v, c.layout, c.scale) for c in calls]
+    run = run_method(method, grid, b, h, d, dtype, device, backend)
+    return [(c.q, c.k, c.v, c.layout, c.scale) for c in run.calls]
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -480,7 +466,7 @@ def model_step(run: Run, device, smoke: bool) -> None:
                params_b=sum(p.numel() for p in model.parameters()) / 1e9)
     dense_ms = None
     steps = 50
-    for method in ("dense",) + (SMOKE_MODEL_METHODS if smoke else VIDEO_METHODS):
+    for method in ("dense", *(SMOKE_MODEL_METHODS if smoke else _video_methods())):
         if run.over_budget("model", f"{name} {method}"):
             break
         applied = False

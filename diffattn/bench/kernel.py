@@ -4,14 +4,16 @@ Two kinds of layouts are timed (``--layouts``):
 
 * ``random``: for every density each query block keeps exactly ``round(density * Mk)`` random key
   blocks, per head — the kernel's throughput as a function of density.
-* ``radial``, ``gna``, ``adaspa``, ``paro``, ``agent``: each method's real pattern at the shape. The
-  method runs at its defaults on synthetic DiT-like inputs (:mod:`diffattn.patterns.synthetic`, Wan's 3-D
-  RoPE) through the events of a 50-step schedule (AdaSpa's searches, PARO's calibrations), then every
-  block-sparse call it makes at a late step is recorded and replayed on each kernel backend (the exact
-  permuted inputs and layouts). A ``method`` row times the whole call (permutations, plan look-ups,
-  text-free video attention); AdaSpa adds a ``search`` row (one LSE-cached search: block mass + plan),
-  GNA rows carry the block-count speed-up bound of :func:`~diffattn.patterns.neighborhood.gna_simulate`.
-  Agent attention is not block-sparse: it has a ``method`` row only (its DiT layout, at an agent step).
+* every registered method with a ``"kernel"`` benchmark (``radial``, ``gna``, ``adaspa``, ``paro``,
+  ``agent``): its real pattern at the shape. The method runs its variant on synthetic DiT-like inputs
+  (:mod:`diffattn.patterns.synthetic`, Wan's 3-D RoPE) at the event steps of a 50-step schedule it
+  declares (AdaSpa's searches, PARO's calibrations), then every block-sparse call it makes at its steady
+  step is recorded and replayed on each kernel backend (the exact permuted inputs and layouts). A
+  ``method`` row times the whole call (permutations, plan look-ups, text-free video attention); a method
+  with a search of its own (AdaSpa) adds a ``search`` row (one LSE-cached search: block mass + plan), and
+  a method's plan facts join its rows (GNA: the block-count speed-up bound of
+  :func:`~diffattn.patterns.neighborhood.gna_simulate`). Agent attention is not block-sparse: it has a
+  ``method`` row only (its DiT layout, at an agent step).
 
 One JSON row per (shape, dtype, layout, density, backend): device, torch/triton versions, commit, shape,
 grid, density, ms and effective TFLOP/s = ``4 * B * H * N**2 * D * density / time`` (dense baselines use
@@ -37,14 +39,15 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from diffattn.bench.common import default_output as _default_output
 from diffattn.bench.common import environment
-from diffattn.kernels import BlockSparseLayout, block_mass, block_sparse_attention, cdiv
+from diffattn.kernels import BlockSparseLayout, block_sparse_attention, cdiv
+from diffattn.methods import describe, method_names
 
 # name: (B, H, N, D, latent grid (F, H, W) with F * H * W = N)
 SHAPES = {
@@ -57,12 +60,8 @@ QUICK_SHAPES = {
     "toy-2k": (1, 2, 2048, 128, (8, 16, 16)),
 }
 ALIASES = {"wan": "wan2.1-1.3b-480p", "wan720": "wan2.1-14b-720p", "hunyuan": "hunyuanvideo-720p"}
-METHOD_LAYOUTS = ("radial", "gna", "adaspa", "paro", "agent")
+METHOD_LAYOUTS = tuple(method_names(benchmark="kernel"))
 LAYOUTS = ("random",) + METHOD_LAYOUTS
-# Steps (of 50) at which a method changes its plan, and the step its pattern is measured at.
-EVENT_STEPS = {"adaspa": (10, 30), "paro": (5, 25)}
-MEASURE_STEP = {"agent": 0}  # agent attention runs in the early steps only
-LATE_STEP = 40
 DENSITIES = (1.0, 0.5, 0.3, 0.2, 0.1)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SPARSE_BACKENDS = ("triton", "flex", "torch", "triton-int8", "triton-int8-p4")
@@ -144,27 +143,29 @@ def _sparse_call(backend: str, q, k, v, layout: BlockSparseLayout, scale: float 
 
 
 # ---------------------------------------------------------------- method layouts
-def _method_jobs(
-    name: str, grid: tuple[int, int, int], b: int, h: int, d: int, dtype: torch.dtype, device: torch.device,
-    backends: list[str],
-) -> tuple[dict[str, Any], list[tuple[str, float, dict[str, Any], Callable[[], Callable[[], Any] | None]]]]:
-    """Run method ``name`` at its defaults on synthetic inputs; return its description and timing jobs.
+class MethodRun(NamedTuple):
+    """A method's kernel-benchmark variant run on synthetic inputs (see :func:`run_method`)."""
 
-    Jobs: each sparse kernel backend replaying the method's recorded kernel calls, the whole method call
-    (``method``) and, for AdaSpa, one LSE-cached search (``search``).
-    """
+    method: Any
+    step: int
+    qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    calls: list  # the KernelCalls it made at ``step``
+    stats: dict[str, Any]  # what it recorded at ``step``
+
+
+def run_method(
+    name: str, grid: tuple[int, int, int], b: int, h: int, d: int, dtype: torch.dtype, device: torch.device,
+    backend: str,
+) -> MethodRun:
+    """Method ``name`` (its ``"kernel"`` variant, on kernel ``backend``) on synthetic DiT-like inputs: called at
+    its event steps of a 50-step schedule, then recorded at its steady step."""
     from diffattn.methods import AttnContext, get_method_class
     from diffattn.methods.sparse import capture_kernel_calls
     from diffattn.patterns.synthetic import synthetic_qkv
 
-    kernel_backend = "triton" if device.type == "cuda" else "torch"
-    cls = get_method_class(name)
-    fields = {f for f in cls.config_cls.__dataclass_fields__}
-    overrides: dict[str, Any] = {"backend": kernel_backend} if "backend" in fields else {}
-    if name == "agent":
-        overrides["layout"] = "dit"
-    cfg = cls.config_cls(**overrides)
-    method = cls(cfg)
+    about = describe(name)
+    cfg = about.config(about.benchmarks["kernel"][0], backend=backend)
+    method = get_method_class(name)(cfg)
 
     def inputs(step: int):
         return synthetic_qkv(grid, b, h, d, seed=0, time=0.01 * step, dtype=dtype, device=device)
@@ -173,14 +174,30 @@ def _method_jobs(
         return AttnContext(layer="bench", layer_index=15, num_layers=30, grid=grid, step=step, num_steps=50, record=sink)
 
     with torch.no_grad():
-        for step in EVENT_STEPS.get(name, ()):
+        for step in type(method).event_steps(cfg):
             method.attend(*inputs(step), ctx(step))
-        step = MEASURE_STEP.get(name, LATE_STEP)
+        step = about.steady_step
         q, k, v = inputs(step)
         stats: dict[str, Any] = {}
-        c = ctx(step, lambda **kw: stats.update(kw))
         with capture_kernel_calls() as calls:
-            method.attend(q, k, v, c)
+            method.attend(q, k, v, ctx(step, lambda **kw: stats.update(kw)))
+    return MethodRun(method, step, (q, k, v), list(calls), stats)
+
+
+def _method_jobs(
+    name: str, grid: tuple[int, int, int], b: int, h: int, d: int, dtype: torch.dtype, device: torch.device,
+    backends: list[str],
+) -> tuple[dict[str, Any], list[tuple[str, float, dict[str, Any], Callable[[], Callable[[], Any] | None]]]]:
+    """Run method ``name`` at its defaults on synthetic inputs; return its description and timing jobs.
+
+    Jobs: each sparse kernel backend replaying the method's recorded kernel calls, the whole method call
+    (``method``) and, for a method with a search of its own, one search (``search``).
+    """
+    from diffattn.methods import AttnContext
+
+    kernel_backend = "triton" if device.type == "cuda" else "torch"
+    method, step, (q, k, v), calls, stats = run_method(name, grid, b, h, d, dtype, device, kernel_backend)
+    cfg = method.config
     n = q.shape[2]
     dense_work = b * h * n * n
     work = sum(
@@ -194,11 +211,8 @@ def _method_jobs(
         "step": step,
         "kernel_calls": len(calls),
         "method_density": stats.get("density"),
+        **method.plan_facts(grid, device),
     }
-    if name == "gna":
-        plan = method.plan(grid, device)
-        info["simulated_speedup"] = plan.stats["speedup_upper_bound"]
-        info["token_density"] = plan.stats["token_density"]
 
     jobs: list[tuple[str, float, dict[str, Any], Callable[[], Callable[[], Any] | None]]] = []
 
@@ -210,23 +224,10 @@ def _method_jobs(
         for backend in backends:
             if backend in SPARSE_BACKENDS:
                 jobs.append((backend, density, {}, lambda backend=backend: replay(backend)))
-    jobs.append(
-        ("method", density, {"kernel_backend": kernel_backend},
-         lambda: (lambda: method.attend(q, k, v, ctx(step))))
-    )
-    if name == "adaspa":
-        def search() -> Callable[[], Any]:
-            from diffattn.patterns.adaspa import plan_adaspa
-
-            bs = cfg.block_size
-            dense = BlockSparseLayout.dense(1, 1, n, n, bs, bs, device)
-            _, lse = block_sparse_attention(q, k, v, dense, backend=kernel_backend)
-            return lambda: plan_adaspa(
-                block_mass(q, k, lse, bs, bs, None, kernel_backend),
-                cfg.sparsity, cfg.mode, cfg.head_adaptive, cfg.recall_threshold, cfg.target_recall,
-            )
-
-        jobs.append(("search", density, {"kernel_backend": kernel_backend}, search))
+    ctx = AttnContext(layer="bench", layer_index=15, num_layers=30, grid=grid, step=step, num_steps=50)
+    jobs.append(("method", density, {"kernel_backend": kernel_backend}, lambda: (lambda: method.attend(q, k, v, ctx))))
+    # a method without a search of its own gives None: no row
+    jobs.append(("search", density, {"kernel_backend": kernel_backend}, lambda: method.search_call(q, k, v)))
     return info, jobs
 
 
@@ -352,7 +353,7 @@ def summarize(rows: list[dict[str, Any]]) -> None:
                         parts[-1] += f" ({sdpa['ms'] / m[backend]['ms']:.2f}x sdpa)"
             kernel = m.get("triton") or m.get("torch")
             dense_kernel = by.get((kernel["backend"], 1.0)) if kernel else None
-            if layout == "gna" and kernel and dense_kernel:
+            if kernel and dense_kernel and "simulated_speedup" in kernel:
                 parts.append(
                     f"speed-up vs own dense {dense_kernel['ms'] / kernel['ms']:.2f}x "
                     f"(block-count bound {kernel.get('simulated_speedup', float('nan')):.2f}x)"

@@ -6,43 +6,44 @@ import types
 from .base import (
     AttentionMethod,
     AttnContext,
+    Drawing,
     MethodConfig,
+    MethodInfo,
+    Variant,
+    benchmark_variants,
+    describe,
     get_method_class,
     make_config,
     method_names,
     register_method,
 )
-from .sparse import DenseConfig, DenseMethod, VideoSparseMethod
+from .sparse import VideoSparseMethod
+
+# The registry: each line imports a method's module, which registers it; the order here is the order
+# of `diffattn.methods()` and of the benchmarks' tables.
+from .sparse import DenseConfig, DenseMethod
 from .radial import RadialConfig, RadialMethod
 from .gna import GNAConfig, GNAMethod
-from .tome import ToMeConfig, ToMeMethod
-from .agent import AgentConfig, AgentMethod
 from .adaspa import AdaSpaConfig, AdaSpaMethod
 from .paro import PAROConfig, PAROMethod
+from .tome import ToMeConfig, ToMeMethod
+from .agent import AgentConfig, AgentMethod
 
 __all__ = [
-    "AgentConfig",
-    "AgentMethod",
-    "AdaSpaConfig",
-    "AdaSpaMethod",
     "AttentionMethod",
     "AttnContext",
-    "DenseConfig",
-    "DenseMethod",
-    "GNAConfig",
-    "GNAMethod",
+    "Drawing",
     "MethodConfig",
-    "PAROConfig",
-    "PAROMethod",
-    "RadialConfig",
-    "RadialMethod",
-    "ToMeConfig",
-    "ToMeMethod",
+    "MethodInfo",
+    "Variant",
     "VideoSparseMethod",
+    "benchmark_variants",
+    "describe",
     "get_method_class",
     "make_config",
     "method_names",
     "register_method",
+    *(name for m in method_names() for name in (get_method_class(m).__name__, get_method_class(m).config_cls.__name__)),
 ]
 
 

@@ -28,9 +28,10 @@ from typing import Any, Literal
 import torch
 
 from ..kernels import BlockSparseLayout, block_mass
+from ..patterns import check_block_size
 from ..patterns.adaspa import plan_adaspa
-from .base import AttnContext, MethodConfig, register_method
-from .sparse import Backend, VideoSparseMethod, _check_block_size, kernel_attention, dense_layout, layout_density
+from .base import DEFAULTS, AttnContext, Drawing, MethodConfig, Variant, register_method
+from .sparse import Backend, VideoSparseMethod, kernel_attention, dense_layout, layout_density
 
 __all__ = ["AdaSpaConfig", "AdaSpaMethod", "AdaSpaState"]
 
@@ -83,7 +84,7 @@ class AdaSpaConfig(MethodConfig):
                 f"AdaSpaConfig.search_steps must be a non-empty list of steps >= 0 (paper: [10, 30]), "
                 f"got {list(self.search_steps)}"
             )
-        _check_block_size(self.block_size, "AdaSpaConfig.block_size")
+        check_block_size(self.block_size, "AdaSpaConfig.block_size")
 
 
 @dataclass
@@ -147,9 +148,27 @@ class AdaSpaMethod(VideoSparseMethod):
 
     name = "adaspa"
     config_cls = AdaSpaConfig
+    state_cls = AdaSpaState
+    drawing = Drawing("adaspa", "AdaSpa's per-head block masks on synthetic DiT-like attention")
+    benchmarks = {
+        "kernel": DEFAULTS,
+        "tiny": DEFAULTS,
+        "quality": tuple(Variant({"sparsity": s}, f"s={s}") for s in (0.5, 0.7, 0.8, 0.9))
+        + (Variant({"sparsity": 0.8, "head_adaptive": False}, "s=0.8 uniform"),)
+        + tuple(Variant({"mode": "recall", "target_recall": r}, f"recall>={r}") for r in (0.9, 0.95, 0.99)),
+    }
+    event_steps_field = "search_steps"
+    small_example = {"sparsity": 0.6, "warmup_steps": 0, "search_steps": (0, 25), "block_size": 16, "backend": "torch"}
+    lossless_example = {**small_example, "sparsity": 0.0, "head_adaptive": False}
 
-    def reset(self) -> None:
-        self.state = AdaSpaState()
+    def search_call(self, q, k, v):
+        cfg = self.config
+        bs, n = cfg.block_size, q.shape[2]
+        _, lse = kernel_attention(q, k, v, dense_layout(n, n, bs, q.device), None, cfg.backend)
+        return lambda: plan_adaspa(
+            block_mass(q, k, lse, bs, bs, None, cfg.backend),
+            cfg.sparsity, cfg.mode, cfg.head_adaptive, cfg.recall_threshold, cfg.target_recall,
+        )
 
     @property
     def stats(self) -> dict[tuple[str, int], dict[str, Any]]:

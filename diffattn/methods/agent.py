@@ -56,7 +56,7 @@ import torch.nn.functional as F
 
 from ..kernels.api import log_once
 from ..patterns.tome import bipartite_matching, merge_count
-from .base import AttentionMethod, AttnContext, MethodConfig, register_method
+from .base import AttentionMethod, AttnContext, MethodConfig, Variant, register_method
 from .tome import (
     LevelGate,
     attention_flops,
@@ -223,9 +223,13 @@ class AgentMethod(AttentionMethod):
 
     name = "agent"
     config_cls = AgentConfig
-
-    def reset(self) -> None:
-        self.gate = LevelGate()
+    state_cls = LevelGate
+    families = ("unet",)
+    # On a video transformer a benchmark runs the DiT layout, measured at a step where agents run.
+    benchmarks = {"kernel": (Variant({"layout": "dit"}),), "tiny": (Variant({"layout": "dit"}),)}
+    steady_step = 0
+    # Agent attention is never exact: only the late dense phase reproduces dense attention.
+    lossless_example = {"agent_steps": 0, "late": "dense"}
 
     def phase(self, ctx: AttnContext) -> str:
         """"agent" for the early steps, then ``config.late``."""
@@ -247,7 +251,7 @@ class AgentMethod(AttentionMethod):
         b, heads, n, d = q.shape
         dense = attention_flops(b, heads, n, n, d)
         scale = ctx.scale if ctx.scale is not None else d**-0.5
-        level = merge_level(ctx, n, self.gate, cfg.level_reference)
+        level = merge_level(ctx, n, self.state, cfg.level_reference)
         phase = self.phase(ctx)
         if level > cfg.max_downsample or phase == "dense" or (phase == "tome" and cfg.merge_ratio == 0.0):
             ctx.record(density=1.0, phase="dense", downsample=level, flops=dense)

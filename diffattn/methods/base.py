@@ -14,7 +14,7 @@ import json
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Literal, Union, get_args, get_origin
+from typing import Any, Callable, ClassVar, Literal, NamedTuple, Union, get_args, get_origin
 
 import torch
 
@@ -22,6 +22,11 @@ __all__ = [
     "MethodConfig",
     "AttnContext",
     "AttentionMethod",
+    "Drawing",
+    "MethodInfo",
+    "Variant",
+    "benchmark_variants",
+    "describe",
     "register_method",
     "get_method_class",
     "method_names",
@@ -39,6 +44,8 @@ class MethodConfig:
     """
 
     method: ClassVar[str] = ""
+    # Named settings (a model family's official values, a window family) that :meth:`preset` expands.
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -78,6 +85,13 @@ class MethodConfig:
 
     def replace(self, **changes: Any) -> "MethodConfig":
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "MethodConfig":
+        """The config of preset ``name`` (see ``PRESETS``), with ``overrides`` on top."""
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown {cls.__name__} preset {name!r}; choose one of {sorted(cls.PRESETS)}")
+        return cls(**{**cls.PRESETS[name], **overrides})
 
 
 def _jsonable(value: Any) -> Any:
@@ -160,7 +174,6 @@ class AttnContext:
     layer: str = ""
     layer_index: int = 0
     num_layers: int = 1
-    is_self: bool = True
     grid: tuple[int, int, int] | None = None
     text_len: int = 0
     text_first: bool = False
@@ -205,16 +218,85 @@ class AttnContext:
         return int(round(step_of_50 * self.num_steps / 50.0))
 
 
+# ------------------------------------------------------------------------------------- description
+class Drawing(NamedTuple):
+    """How ``diffattn draw <method>`` draws a method: the planner module in :mod:`diffattn.patterns`
+    whose ``main(argv, prog)`` renders it, and a phrase saying what the picture shows."""
+
+    module: str
+    what: str
+
+
+class Variant(NamedTuple):
+    """One configuration a benchmark runs: config fields over the defaults and its label in tables
+    (``""``: the method's name)."""
+
+    fields: dict[str, Any] = {}
+    label: str = ""
+
+
+DEFAULTS = (Variant(),)
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What tooling knows of a registered method, read from its class (see :func:`describe`)."""
+
+    name: str
+    config_cls: type[MethodConfig]
+    families: tuple[str, ...]
+    drawing: Drawing | None
+    benchmarks: dict[str, tuple[Variant, ...]]
+    event_steps: tuple[int, ...]
+    steady_step: int
+    small_example: dict[str, Any]
+    lossless_example: dict[str, Any]
+
+    def config(self, variant: Variant = Variant(), **fields: Any) -> MethodConfig:
+        """The config of ``variant`` over ``fields`` a benchmark gives every method (e.g. ``backend``);
+        those the config does not have are left out, as not every method has a backend."""
+        known = {f.name for f in dataclasses.fields(self.config_cls)}
+        return self.config_cls(**{**{k: v for k, v in fields.items() if k in known}, **variant.fields})
+
+
 # -------------------------------------------------------------------------------------------- methods
 class AttentionMethod:
     """Runtime side of a method: holds config and mutable state; ``attend`` computes attention.
 
-    Subclasses set ``name`` and ``config_cls`` and implement :meth:`attend`. State that lives across
-    calls (caches, counters) is cleared by :meth:`reset`.
+    Subclasses set ``name`` and ``config_cls`` and implement :meth:`attend`. A ``state_cls`` gives the
+    state object (``self.state``) that :meth:`reset` makes afresh; a method with more to forget extends
+    :meth:`reset`.
+
+    The other class attributes describe the method to the tooling, so that the command line, the
+    benchmarks and the demo need no list of methods: ``families`` (model families it runs on at its
+    defaults: ``"video"`` for DiTs on a latent grid, ``"unet"`` for Stable Diffusion UNets),
+    ``drawing`` (how ``diffattn draw`` pictures it; None: no picture), ``benchmarks`` (per benchmark —
+    ``"kernel"``, ``"quality"``, ``"tiny"`` — the variants it runs; a benchmark not named leaves the
+    method out), ``steady_step`` (a step of 50 at which it runs its steady-state plan),
+    :meth:`event_steps` (steps of 50 at which it plans anew: by default the steps listed in the config
+    field ``event_steps_field`` names) and ``small_example`` (config fields with
+    which it does its real work on a latent grid of a few hundred tokens: small blocks and windows, no
+    warm-up, the PyTorch backend; what a check on a tiny model runs) and ``lossless_example`` (the
+    same with a setting that keeps all of attention, so the method must reproduce dense attention
+    through all of its machinery: permutations, plans, text and padding handling).
     """
 
     name: ClassVar[str] = ""
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    state_cls: ClassVar[Callable[[], Any] | None] = None
+    families: ClassVar[tuple[str, ...]] = ()
+    drawing: ClassVar[Drawing | None] = None
+    benchmarks: ClassVar[dict[str, tuple[Variant, ...]]] = {}
+    steady_step: ClassVar[int] = 40
+    event_steps_field: ClassVar[str | None] = None
+    small_example: ClassVar[dict[str, Any]] = {}
+    lossless_example: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def event_steps(cls, config: MethodConfig) -> tuple[int, ...]:
+        """Steps (of a 50-step schedule) at which ``config`` makes a new plan (searches, calibrations);
+        a benchmark calls the method there before measuring it at ``steady_step``."""
+        return tuple(getattr(config, cls.event_steps_field)) if cls.event_steps_field else ()
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         if config is None:
@@ -228,6 +310,20 @@ class AttentionMethod:
 
     def reset(self) -> None:
         """Forget all per-run state (called at a new generation and by ``diffattn.remove``)."""
+        if self.state_cls is not None:
+            self.state = self.state_cls()
+
+    def plan_facts(self, grid: tuple[int, int, int], device: torch.device) -> dict[str, Any]:
+        """Facts about the plan for a latent ``grid`` that a kernel benchmark reports beside its timings
+        (e.g. a speed-up bound); keys are row fields."""
+        return {}
+
+    def search_call(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> Callable[[], Any] | None:
+        """A call that runs one plan search on these video tokens, for a benchmark to time; None when
+        the method has no search of its own."""
+        return None
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext
@@ -251,9 +347,54 @@ def register_method(cls: type[AttentionMethod]) -> type[AttentionMethod]:
     return cls
 
 
-def method_names() -> list[str]:
-    """Registered public method names (names starting with "_" are private, e.g. test fixtures)."""
-    return [n for n in _REGISTRY if not n.startswith("_")]
+def method_names(family: str | None = None, benchmark: str | None = None) -> list[str]:
+    """Registered public method names (names starting with "_" are private, e.g. test fixtures), in
+    registration order; ``family`` keeps those that run on that model family, ``benchmark`` those that
+    take part in that benchmark."""
+    return [
+        n for n, cls in _REGISTRY.items()
+        if not n.startswith("_")
+        and (family is None or family in cls.families)
+        and (benchmark is None or benchmark in cls.benchmarks)
+    ]
+
+
+def describe(name: str) -> MethodInfo:
+    """What tooling needs to know of method ``name``: families, drawing, benchmark variants, event
+    steps of its default config.
+
+    >>> describe("adaspa").event_steps
+    (10, 30)
+    """
+    cls = get_method_class(name)
+    return MethodInfo(
+        name=name,
+        config_cls=cls.config_cls,
+        families=cls.families,
+        drawing=cls.drawing,
+        benchmarks=dict(cls.benchmarks),
+        event_steps=tuple(cls.event_steps(cls.config_cls())),
+        steady_step=cls.steady_step,
+        small_example=dict(cls.small_example),
+        lossless_example=dict(cls.lossless_example),
+    )
+
+
+def benchmark_variants(benchmark: str) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Every variant of every method taking part in ``benchmark``, in registration order: label ->
+    (method name, config fields over its defaults); a variant without a label is named by its method.
+
+    >>> benchmark_variants("tiny")["gna-small"]
+    ('gna', {'kernel_size': (5, 8, 8), 'stride': (1, 4, 4)})
+    """
+    out: dict[str, tuple[str, dict[str, Any]]] = {}
+    for name in method_names(benchmark=benchmark):
+        for variant in get_method_class(name).benchmarks[benchmark]:
+            label = variant.label or name
+            if label in out:
+                raise ValueError(f"benchmark {benchmark!r} has two variants labelled {label!r}; give them distinct labels")
+            out[label] = (name, dict(variant.fields))
+    return out
 
 
 def get_method_class(name: str) -> type[AttentionMethod]:

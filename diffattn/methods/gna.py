@@ -21,9 +21,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..patterns import check_block_size
 from ..patterns import neighborhood as na
-from .base import AttnContext, MethodConfig, register_method
-from .sparse import Backend, VideoSparseMethod, _check_block_size, kernel_attention, layout_density
+from .base import DEFAULTS, Drawing, MethodConfig, Variant, register_method
+from .sparse import Backend, VideoSparseMethod, check_warmup, kernel_attention, layout_density, warmup_layers_and_steps
 
 __all__ = ["GNAConfig", "GNAMethod"]
 
@@ -73,24 +74,12 @@ class GNAConfig(MethodConfig):
                 f"GNAConfig.stride must be <= kernel_size on every axis, got stride={self.stride} "
                 f"kernel_size={self.kernel_size}"
             )
-        if self.dense_layers < 0:
-            raise ValueError(f"GNAConfig.dense_layers must be >= 0, got {self.dense_layers}")
-        if not 0 <= self.dense_steps <= 50:
-            raise ValueError(
-                f"GNAConfig.dense_steps counts steps of a 50-step schedule; use 0..50, got {self.dense_steps}"
-            )
-        _check_block_size(self.block_size, "GNAConfig.block_size")
+        check_warmup(self)
+        check_block_size(self.block_size, "GNAConfig.block_size")
         try:
             na._check_tile((1, 1, 1), self.tile_shape, self.block_size)
         except ValueError as e:
             raise ValueError(f"GNAConfig.tile_shape: {e}") from None
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "GNAConfig":
-        """A window family — ``"sliding"``, ``"strided"`` or ``"blocked"`` — with overrides."""
-        if name not in cls.PRESETS:
-            raise ValueError(f"unknown GNA preset {name!r}; choose one of {sorted(cls.PRESETS)}")
-        return cls(**{**cls.PRESETS[name], **overrides})
 
 
 @register_method
@@ -99,16 +88,31 @@ class GNAMethod(VideoSparseMethod):
 
     name = "gna"
     config_cls = GNAConfig
+    drawing = Drawing("neighborhood", "a generalized neighborhood attention window and its tile layout")
+    benchmarks = {
+        "kernel": DEFAULTS,
+        "tiny": (Variant(), Variant({"kernel_size": (5, 8, 8), "stride": (1, 4, 4)}, "gna-small")),
+        "quality": (
+            Variant({}, "k=(12, 24, 24) s=(4, 8, 8)"),
+            Variant({"kernel_size": (4, 16, 16), "stride": (4, 8, 8)}, "k=(4, 16, 16) s=(4, 8, 8)"),
+        ),
+    }
+    small_example = {
+        "kernel_size": (3, 3, 3), "stride": (1, 1, 2), "tile_shape": (2, 2, 4), "block_size": 16, "backend": "torch",
+    }
+    lossless_example = {**small_example, "kernel_size": (64, 64, 64), "stride": (1, 1, 1)}
 
-    def use_dense(self, ctx: AttnContext) -> bool:
-        cfg = self.config
-        return ctx.layer_index < cfg.dense_layers or ctx.step < ctx.scaled_step(cfg.dense_steps)
+    use_dense = warmup_layers_and_steps
 
     def plan(self, grid: tuple[int, int, int], device: torch.device) -> na.GNAPlan:
         """Tiling and layout for a latent ``grid`` (cached per shape and device)."""
         cfg = self.config
         k, s, d, c = na.fit_to_grid(grid, cfg.kernel_size, cfg.stride, cfg.dilation, cfg.is_causal)
         return na.gna_plan(grid, k, s, d, c, cfg.tile_shape, cfg.block_size, device)
+
+    def plan_facts(self, grid, device):
+        st = self.plan(tuple(grid), device).stats
+        return {"simulated_speedup": st["speedup_upper_bound"], "token_density": st["token_density"]}
 
     def video_attention(self, q, k, v, ctx):
         plan = self.plan(tuple(ctx.grid), q.device)

@@ -13,8 +13,8 @@ Calibration is keyed by (layer, branch, phase) and depends only on the latent gr
 token count — not on batch size or text length — so one calibration serves any batch. Online
 calibrations are per-run state: ``reset()`` (called at every new generation) forgets them, so save
 them after the run that made them; a method built with ``PAROConfig(calibration=path)`` reloads the
-file on every reset instead. Through :func:`diffattn.apply` the method object is reachable as
-``diffattn.processors.sparse.state_of(model).methods[0]``.
+file on every reset instead. After :func:`diffattn.apply` the method object is
+``diffattn.method_of(model)``.
 
 >>> import torch, tempfile, os
 >>> from diffattn.methods import AttnContext
@@ -40,9 +40,10 @@ import torch
 from ..kernels import BlockSparseLayout
 from ..kernels.api import resolve_backend
 from ..kernels.quant_reference import quantized_block_sparse_attention
+from ..patterns import check_block_size
 from ..patterns.paro import AXIS_ORDERS, calibrate_paro, head_permutations, inverse_permutation, permute_heads
-from .base import AttnContext, MethodConfig, register_method
-from .sparse import Backend, VideoSparseMethod, _check_block_size, kernel_attention, layout_density
+from .base import DEFAULTS, AttnContext, Drawing, MethodConfig, Variant, register_method
+from .sparse import Backend, VideoSparseMethod, kernel_attention, layout_density
 
 __all__ = ["PAROConfig", "PAROMethod", "PAROState"]
 
@@ -106,7 +107,7 @@ class PAROConfig(MethodConfig):
             raise ValueError(f"PAROConfig.qk_bits must be 8, 4 or None, got {self.qk_bits}")
         if self.pv_bits not in (None, 4, 8):
             raise ValueError(f"PAROConfig.pv_bits must be 8, 4 or None, got {self.pv_bits}")
-        _check_block_size(self.block_size, "PAROConfig.block_size")
+        check_block_size(self.block_size, "PAROConfig.block_size")
 
 
 @dataclass
@@ -167,9 +168,20 @@ class PAROMethod(VideoSparseMethod):
 
     name = "paro"
     config_cls = PAROConfig
+    state_cls = PAROState
+    drawing = Drawing("paro", "PARO's per-head permutation and block mask on synthetic attention")
+    benchmarks = {
+        "kernel": DEFAULTS,
+        "tiny": DEFAULTS,
+        "quality": tuple(Variant({"density": d}, f"d={d}") for d in (0.2, 0.3, 0.5))
+        + tuple(Variant({"density": 0.5, "qk_bits": 8, "pv_bits": pv}, f"d=0.5 int8/int{pv}") for pv in (8, 4)),
+    }
+    event_steps_field = "calibration_steps"
+    small_example = {"density": 0.4, "calibration_steps": (0, 25), "block_size": 16, "backend": "torch"}
+    lossless_example = {**small_example, "density": 1.0}
 
     def reset(self) -> None:
-        self.state = PAROState()
+        super().reset()
         if self.config.calibration is not None:
             self.load_calibration(self.config.calibration)
 

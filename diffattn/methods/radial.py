@@ -18,9 +18,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..patterns import check_block_size
 from ..patterns import radial as radial_pattern
-from .base import AttnContext, MethodConfig, register_method
-from .sparse import Backend, VideoSparseMethod, _check_block_size, kernel_attention, layout_density
+from .base import DEFAULTS, Drawing, MethodConfig, Variant, register_method
+from .sparse import Backend, VideoSparseMethod, check_warmup, kernel_attention, layout_density, warmup_layers_and_steps
 
 __all__ = ["RadialConfig", "RadialMethod"]
 
@@ -67,21 +68,9 @@ class RadialConfig(MethodConfig):
             raise ValueError(
                 f"RadialConfig.decay_factor must be > 0 (0.2 Wan, 0.95 HunyuanVideo), got {self.decay_factor}"
             )
-        if self.dense_layers < 0:
-            raise ValueError(f"RadialConfig.dense_layers must be >= 0, got {self.dense_layers}")
-        if not 0 <= self.dense_steps <= 50:
-            raise ValueError(
-                f"RadialConfig.dense_steps counts steps of a 50-step schedule; use 0..50, got {self.dense_steps}"
-            )
-        _check_block_size(self.pattern_block, "RadialConfig.pattern_block")
-        _check_block_size(self.block_size, "RadialConfig.block_size")
-
-    @classmethod
-    def preset(cls, family: str, **overrides: Any) -> "RadialConfig":
-        """Official settings for a model family (``"wan"`` or ``"hunyuan"``), with overrides."""
-        if family not in cls.PRESETS:
-            raise ValueError(f"unknown Radial preset {family!r}; choose one of {sorted(cls.PRESETS)}")
-        return cls(**{**cls.PRESETS[family], **overrides})
+        check_warmup(self)
+        check_block_size(self.pattern_block, "RadialConfig.pattern_block")
+        check_block_size(self.block_size, "RadialConfig.block_size")
 
 
 @register_method
@@ -90,10 +79,25 @@ class RadialMethod(VideoSparseMethod):
 
     name = "radial"
     config_cls = RadialConfig
+    drawing = Drawing("radial", "Radial's static block mask for a video shape")
+    # The quality benchmark measures layer 0 at one step: its warm-up is off so that the call runs the mask.
+    benchmarks = {
+        "kernel": DEFAULTS,
+        "tiny": DEFAULTS,
+        "quality": tuple(
+            Variant({**RadialConfig.PRESETS[family], "dense_steps": 0, "dense_layers": 0},
+                    f"decay={RadialConfig.PRESETS[family]['decay_factor']}")
+            for family in ("wan", "hunyuan")
+        ),
+    }
+    small_example = {
+        "attention_sink": False, "pattern_block": 16, "block_size": 16, "dense_layers": 0, "dense_steps": 0,
+        "backend": "torch",
+    }
+    # A window wider than any frame: dense on grids of at most three frames (no temporal striding yet).
+    lossless_example = {**small_example, "decay_factor": 1e6}
 
-    def use_dense(self, ctx: AttnContext) -> bool:
-        cfg = self.config
-        return ctx.layer_index < cfg.dense_layers or ctx.step < ctx.scaled_step(cfg.dense_steps)
+    use_dense = warmup_layers_and_steps
 
     def layout(self, grid: tuple[int, int, int], device: torch.device):
         """Kernel layout for video tokens of a latent ``grid`` (cached per shape and device)."""

@@ -11,13 +11,14 @@ from __future__ import annotations
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import ClassVar, Iterator, Literal, NamedTuple
+from typing import Iterator, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from ..kernels import BlockSparseLayout, block_sparse_attention, merge_attention
-from .base import AttentionMethod, AttnContext, MethodConfig, register_method
+from ..patterns import check_block_size
+from .base import DEFAULTS, AttentionMethod, AttnContext, MethodConfig, register_method
 
 __all__ = [
     "DenseConfig", "DenseMethod", "KernelCall", "VideoSparseMethod", "capture_kernel_calls", "kernel_attention",
@@ -69,12 +70,23 @@ class DenseConfig(MethodConfig):
     backend: Backend = "auto"
 
     def validate(self) -> None:
-        _check_block_size(self.block_size)
+        check_block_size(self.block_size, "DenseConfig.block_size")
 
 
-def _check_block_size(value: int, name: str = "block_size") -> None:
-    if value < 16 or value & (value - 1):
-        raise ValueError(f"{name} must be a power of two >= 16 (64 or 128 are typical), got {value}")
+def check_warmup(config: MethodConfig) -> None:
+    """Check a config's ``dense_layers`` and ``dense_steps`` (the warm-up of the static video methods)."""
+    name = type(config).__name__
+    if config.dense_layers < 0:
+        raise ValueError(f"{name}.dense_layers must be >= 0, got {config.dense_layers}")
+    if not 0 <= config.dense_steps <= 50:
+        raise ValueError(f"{name}.dense_steps counts steps of a 50-step schedule; use 0..50, got {config.dense_steps}")
+
+
+def warmup_layers_and_steps(method: "VideoSparseMethod", ctx: AttnContext) -> bool:
+    """A ``use_dense``: dense in the first ``config.dense_layers`` layers and the first
+    ``config.dense_steps`` steps (of 50, scaled to the run)."""
+    cfg = method.config
+    return ctx.layer_index < cfg.dense_layers or ctx.step < ctx.scaled_step(cfg.dense_steps)
 
 
 def kernel_attention(
@@ -169,6 +181,9 @@ class DenseMethod(AttentionMethod):
 
     name = "dense"
     config_cls = DenseConfig
+    families = ("video", "unet")
+    benchmarks = {"quality": DEFAULTS}
+    small_example = lossless_example = {"block_size": 16, "backend": "torch"}
 
     def attend(self, q, k, v, ctx):
         b, _, n, _ = q.shape
@@ -185,7 +200,7 @@ class VideoSparseMethod(AttentionMethod):
     ``(o, lse)``) and may override :meth:`use_dense` for warm-up steps/layers.
     """
 
-    requires_grid: ClassVar[bool] = True
+    families = ("video",)
 
     def use_dense(self, ctx: AttnContext) -> bool:
         return False

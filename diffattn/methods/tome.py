@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from ..kernels.api import log_once
 from ..patterns.tome import TokenMerge, bipartite_matching, fit_stride, merge_count
-from .base import AttentionMethod, AttnContext, MethodConfig, register_method
+from .base import AttentionMethod, AttnContext, Drawing, MethodConfig, register_method
 
 __all__ = [
     "ToMeConfig", "ToMeMethod", "merged_attention", "LevelGate", "require_unet", "attention_flops",
@@ -251,16 +251,17 @@ class ToMeMethod(AttentionMethod):
 
     name = "tome"
     config_cls = ToMeConfig
-
-    def reset(self) -> None:
-        self.gate = LevelGate()
+    state_cls = LevelGate
+    families = ("unet",)
+    drawing = Drawing("tome", "the token-merging partition of a latent grid")
+    lossless_example = {"ratio": 0.0}
 
     def attend(self, q, k, v, ctx):
         cfg: ToMeConfig = self.config
         h, w = require_unet(ctx, "tome")
         b, heads, n, d = q.shape
         dense = attention_flops(b, heads, n, n, d)
-        level = merge_level(ctx, n, self.gate, cfg.level_reference)
+        level = merge_level(ctx, n, self.state, cfg.level_reference)
         if level > cfg.max_downsample or cfg.ratio == 0.0:
             ctx.record(density=1.0, phase="dense", downsample=level, flops=dense)
             return F.scaled_dot_product_attention(q, k, v, scale=ctx.scale)

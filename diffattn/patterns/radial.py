@@ -47,6 +47,7 @@ from dataclasses import replace
 import torch
 
 from ..kernels.layout import BlockSparseLayout, cdiv
+from . import check_block_size
 
 __all__ = [
     "radial_frame_rule",
@@ -69,8 +70,7 @@ def _check(frames: int, tokens_per_frame: int, decay_factor: float, pattern_bloc
         raise ValueError(f"tokens_per_frame must be an int >= 1, got {tokens_per_frame!r}")
     if not (decay_factor > 0 and math.isfinite(decay_factor)):
         raise ValueError(f"decay_factor must be a positive number (0.2 Wan, 0.95 HunyuanVideo), got {decay_factor!r}")
-    if not isinstance(pattern_block, int) or pattern_block < 16 or pattern_block & (pattern_block - 1):
-        raise ValueError(f"pattern_block must be a power of two >= 16 (official: 128), got {pattern_block!r}")
+    check_block_size(pattern_block, "pattern_block", "official: 128")
 
 
 def radial_frame_rule(

@@ -235,7 +235,9 @@ def bipartite_matching(
     b, n, _ = metric.shape
     if n != h * w:
         raise ValueError(f"metric has {n} tokens but grid {tuple(grid)} holds {h * w}")
-    # The split depends only on the grid and the draw: build it on the CPU (no device sync), then move.
+    # The split depends only on the grid and the draw, so it is built on the CPU, where ``nonzero`` needs
+    # no device round trip; copying the two index tensors to the device after it is a synchronous
+    # host-to-device transfer.
     dst = destination_indices((h, w), tuple(stride), generator)
     is_dst = torch.zeros(n, dtype=torch.bool)
     is_dst[dst] = True

@@ -61,16 +61,16 @@ def set_impl(fn: Callable[..., torch.Tensor]) -> None:
 
 @torch.library.custom_op("diffattn::begin_forward", mutates_args=())
 def begin_forward(
-    like: torch.Tensor, timestep: Optional[torch.Tensor], handle: int, grid: list[int], batch: int
+    like: torch.Tensor, timestep: Optional[torch.Tensor], handle: int, grid: list[int]
 ) -> torch.Tensor:
     """Advance the model's schedule for one compiled forward (what the eager pre-hook does); returns an
     empty token every ``attend`` of the forward takes, so that this runs first and is never dropped."""
-    state_for(handle).begin_values(tuple(grid) if grid else None, batch, timestep)
+    state_for(handle).begin_values(tuple(grid) if grid else None, timestep)
     return like.new_empty(0)
 
 
 @begin_forward.register_fake
-def _begin_forward_fake(like, timestep, handle, grid, batch):
+def _begin_forward_fake(like, timestep, handle, grid):
     return like.new_empty(0)
 
 

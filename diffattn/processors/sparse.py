@@ -87,12 +87,12 @@ class _BeginForward:
             state = self.state
             inputs = dict(zip(state.forward_params, args))
             inputs.update(kwargs)
-            grid, batch = state.shape_of(module, inputs)
+            grid = state.shape_of(module, inputs)
             like = next(v for v in inputs.values() if isinstance(v, torch.Tensor))
             timestep = inputs.get(state.spec.timestep_arg)
             if not isinstance(timestep, torch.Tensor):
                 timestep = None if timestep is None else torch.tensor(float(timestep))
-            state.token = _begin_op(like, timestep, state.handle, list(grid or ()), batch)
+            state.token = _begin_op(like, timestep, state.handle, list(grid or ()))
             return
         self.state.begin_forward(module, args, kwargs)
 
@@ -762,7 +762,6 @@ def _attend(
         layer=name,
         layer_index=index,
         num_layers=state.num_layers,
-        is_self=True,
         grid=grid,
         text_len=text_len,
         text_first=spec.text_first,

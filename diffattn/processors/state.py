@@ -176,7 +176,6 @@ class ForwardInfo:
     """What the current denoiser call tells the processors."""
 
     grid: Grid | None
-    batch: int
     step: int
     branch: int
     num_steps: int
@@ -290,7 +289,6 @@ class ModelState:
     stats: Stats = field(default_factory=Stats)
     info: ForwardInfo | None = None
     methods: list[Any] = field(default_factory=list)  # method objects to reset at a new generation
-    min_tokens: int = 0
     sync_timing: bool = False
     capture_layouts: bool = False
     context: Any = None  # the diffusers CacheContext of the current call (set by the pipeline)
@@ -317,29 +315,21 @@ class ModelState:
         self.begin(model, bind_forward_args(model, args, kwargs))
 
     def begin(self, model: torch.nn.Module, inputs: dict[str, Any]) -> None:
-        grid, batch = self.shape_of(model, inputs)
-        self.begin_values(grid, batch, inputs.get(self.spec.timestep_arg))
+        self.begin_values(self.shape_of(model, inputs), inputs.get(self.spec.timestep_arg))
 
-    def shape_of(self, model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[Grid | None, int]:
-        """The forward's latent grid and batch, from its inputs' shapes (static under compile)."""
-        grid = None
+    def shape_of(self, model: torch.nn.Module, inputs: dict[str, Any]) -> Grid | None:
+        """The forward's latent grid, from its inputs' shapes (static under compile)."""
         try:
-            grid = self.spec.grid(model, inputs)
+            return self.spec.grid(model, inputs)
         except (KeyError, AttributeError, IndexError, TypeError, ValueError):
-            grid = None
-        batch = 0
-        for value in inputs.values():
-            if isinstance(value, torch.Tensor) and value.ndim >= 2:
-                batch = int(value.shape[0])
-                break
-        return grid, batch
+            return None
 
-    def begin_values(self, grid: Grid | None, batch: int, timestep: Any) -> None:
+    def begin_values(self, grid: Grid | None, timestep: Any) -> None:
         step, branch, num, new_gen = self.tracker.advance(timestep, self.context)
         if new_gen and self.tracker.generation > 1:
             for m in self.methods:
                 m.reset()
-        self.info = ForwardInfo(grid, batch, step, branch, num, self.tracker.generation)
+        self.info = ForwardInfo(grid, step, branch, num, self.tracker.generation)
 
     def end_forward(self) -> None:
         self.info = None
