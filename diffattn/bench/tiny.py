@@ -21,20 +21,14 @@ from typing import Any
 
 import torch
 
+from ..methods import benchmark_variants
 from ..pipelines.tiny.data import DEFAULT_PROMPTS
 from .common import default_output, environment, write_rows
 
 # The prompts `diffattn generate` uses on the tiny model: one per direction, in its vocabulary.
 PROMPTS = DEFAULT_PROMPTS
-# label -> (method, config fields besides its defaults); agent needs the DiT token layout
-METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "radial": ("radial", {}),
-    "gna": ("gna", {}),
-    "gna-small": ("gna", {"kernel_size": (5, 8, 8), "stride": (1, 4, 4)}),
-    "adaspa": ("adaspa", {}),
-    "paro": ("paro", {}),
-    "agent": ("agent", {"layout": "dit"}),
-}
+# label -> (method, config fields besides its defaults), as each method declares for this benchmark
+METHODS: dict[str, tuple[str, dict[str, Any]]] = benchmark_variants("tiny")
 
 
 def run(prompts: int = 4, frames: int = 9, size: int = 64, steps: int | None = None,
