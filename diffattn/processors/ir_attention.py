@@ -7,7 +7,7 @@ and reposition; :class:`IRCrossAttnProcessor` adds mutual cross-attention after 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from ..patterns.regions import reposition
 from .attention_body import AttentionBody
 
-if TYPE_CHECKING:
-    from .ir import IRState
+# ``state`` below is the IRState of processors/ir.py, which builds these processors: typed as Any so
+# that the import runs one way.
+IRState = Any
 
 __all__ = ["IRAttnProcessor", "IRCrossAttnProcessor", "SubjectMapProcessor"]
 
