@@ -231,6 +231,13 @@ class AgentMethod(AttentionMethod):
     # Agent attention is never exact: only the late dense phase reproduces dense attention.
     lossless_example = {"agent_steps": 0, "late": "dense"}
 
+    @classmethod
+    def sharding_refusal(cls, config):
+        if config.layout == "dit":
+            return None
+        return ("the UNet layout pools agents from the whole UNet block input, which context parallelism "
+                "shards. Run it on one device, or use AgentConfig(layout='dit') on a transformer.")
+
     def phase(self, ctx: AttnContext) -> str:
         """"agent" for the early steps, then ``config.late``."""
         cfg, steps = self.config, self.config.agent_steps

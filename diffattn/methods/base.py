@@ -293,6 +293,12 @@ class AttentionMethod:
     lossless_example: ClassVar[dict[str, Any]] = {}
 
     @classmethod
+    def sharding_refusal(cls, config: MethodConfig) -> str | None:
+        """Why ``config`` cannot run under context parallelism, which hands each rank the whole
+        sequence for a share of the heads (None: it can; the default for per-head attention)."""
+        return None
+
+    @classmethod
     def event_steps(cls, config: MethodConfig) -> tuple[int, ...]:
         """Steps (of a 50-step schedule) at which ``config`` makes a new plan (searches, calibrations);
         a benchmark calls the method there before measuring it at ``steady_step``."""

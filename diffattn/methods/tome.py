@@ -256,6 +256,11 @@ class ToMeMethod(AttentionMethod):
     drawing = Drawing("tome", "the token-merging partition of a latent grid")
     lossless_example = {"ratio": 0.0}
 
+    @classmethod
+    def sharding_refusal(cls, config):
+        return ("it merges tokens across the whole UNet block input, which context parallelism shards. "
+                "Run ToMe on one device.")
+
     def attend(self, q, k, v, ctx):
         cfg: ToMeConfig = self.config
         h, w = require_unet(ctx, "tome")

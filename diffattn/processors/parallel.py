@@ -26,6 +26,8 @@ from typing import Any, Callable
 
 import torch
 
+from ..methods import get_method_class
+
 __all__ = ["context_config", "check_parallel", "mode_name", "attend_sharded", "joint_order", "head_gatherer"]
 
 
@@ -54,11 +56,9 @@ def check_parallel(config: Any, cp: Any) -> None:
             "the ranks. Use ContextParallelConfig(ulysses_degree=... or ring_degree=...) without the "
             "*_anything flags, with a token count and head count divisible by the degree."
         )
-    if method == "tome" or (method == "agent" and getattr(config, "layout", "dit") != "dit"):
-        raise NotImplementedError(
-            f"{what}: it merges tokens by the UNet block input, which context parallelism shards. Run it "
-            "on one device, or use AgentConfig(layout='dit') on a transformer."
-        )
+    why = get_method_class(method).sharding_refusal(config) if method else None
+    if why is not None:
+        raise NotImplementedError(f"{what}: {why}")
 
 
 def attend_sharded(
