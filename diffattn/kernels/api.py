@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import weakref
 
 import torch
 
@@ -205,25 +204,14 @@ def block_sparse_attention(
     return (o, lse) if return_lse else o
 
 
-# Per-layout facts the path choice needs (one host read when a layout is first used, then cached).
-_layout_facts: "weakref.WeakKeyDictionary[BlockSparseLayout, tuple[float, bool]]" = weakref.WeakKeyDictionary()
-
-
-def _density_and_full(layout: BlockSparseLayout) -> tuple[float, bool]:
-    if layout not in _layout_facts:
-        density = layout.density
-        full = layout.kv_mask_ids is None and bool((layout.kv_counts == layout.num_kv_blocks).all())
-        _layout_facts[layout] = (density, full)
-    return _layout_facts[layout]
-
-
 def cpu_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockSparseLayout) -> str:
     """Which of :data:`CPU_PATHS` the ``"torch"`` backend runs for these inputs (see the module doc)."""
     if q.device.type != "cpu":
         return "gathered"
     fused = _HAS_CPU_FLASH and q.dtype == k.dtype == v.dtype and v.shape[-1] == q.shape[-1]
-    density, full = _density_and_full(layout)
-    if fused and full:
+    # Both facts are host values kept on the layout: known when it was built, or read once.
+    density = layout.density
+    if fused and layout.is_full:
         return "dense"
     lb, lh = layout.kv_counts.shape[:2]
     small = fused and lb * lh * q.shape[-2] * k.shape[-2] <= CPU_MASKED_MAX_ELEMENTS

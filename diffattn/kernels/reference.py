@@ -137,7 +137,8 @@ def gathered_block_attention(
     return o.to(q.dtype), lse_out.view(b, h, mq * bq)[:, :, :nq].contiguous()
 
 
-# Additive masks per layout (built once: the mask expansion costs about half an attention call).
+# Additive masks cached per layout and shape: expanding one costs about half an attention call, and a
+# planned layout serves many calls.
 _bias_cache: "weakref.WeakKeyDictionary[BlockSparseLayout, dict]" = weakref.WeakKeyDictionary()
 
 
@@ -148,8 +149,7 @@ def _additive_mask(layout: BlockSparseLayout, nq: int, nk: int, dtype: torch.dty
         keep = layout.to(device).to_token_mask(nq, nk)  # [LB, LH, Nq, Nk]
         bias = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, float("-inf"))
         per_layout.clear()  # one shape per layout is the common case; keep memory bounded
-        empty = ~keep.any(-1)
-        per_layout[key] = (bias, empty if bool(empty.any()) else None)
+        per_layout[key] = (bias, ~keep.any(-1))
     return per_layout[key]
 
 
@@ -170,10 +170,10 @@ def masked_cpu_attention(
     nq, nk = q.shape[-2], k.shape[-2]
     bias, empty = _additive_mask(layout, nq, nk, q.dtype, q.device)
     o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scale)
-    lse = lse.float()
-    if empty is not None:  # rows with nothing kept: zeros and -inf, as every backend returns
-        o = o.masked_fill(empty[..., None], 0.0)
-        lse = lse.masked_fill(empty, float("-inf"))
+    # Rows with nothing kept come out NaN: zeros and -inf, as every backend returns. Filling always is
+    # cheaper than asking the device whether such rows exist.
+    o = o.masked_fill(empty[..., None], 0.0)
+    lse = lse.float().masked_fill(empty, float("-inf"))
     return o, lse
 
 
