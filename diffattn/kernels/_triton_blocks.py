@@ -1,7 +1,9 @@
 """The block loop every Triton kernel here is made of, as ``@triton.jit`` helpers (inlined at compile
-time, so sharing them costs no registers), and the layout's operands for their launchers: which (batch, head) a program serves, masked tile loads
-through strides with int64 row offsets, a layout row's key-block list, the tail and partial-block
-masks, one online-softmax step and the epilogue that writes ``o`` and the natural-log LSE."""
+time; ``python -m diffattn.kernels.aot`` reports the same registers as with the code written out),
+and the layout's operands for their launchers: which (batch, head) a program serves, masked tile
+loads through strides with int64 row offsets, a layout row's key-block list, the tail and
+partial-block masks, one online-softmax step and the epilogue that writes ``o`` and the natural-log
+LSE."""
 
 import torch
 import triton

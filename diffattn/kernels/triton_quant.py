@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from ._triton_blocks import (
-    key_block, layout_operands, layout_row, load_tile, mask_scores, online_softmax_step, program_bh, softmax_state, store_output,
+    key_block, layout_operands, layout_row, load_tile, mask_scores, online_softmax_step, program_bh, softmax_state,
+    store_output,
 )
 from ._tuning import autotune_configs, interpreting, prune, shared_memory_estimate, shared_memory_limit
 from .layout import BlockSparseLayout
