@@ -112,12 +112,8 @@ def test_token_mask_matches_reference(shape, kernel, stride, dilation, causal, t
 
 @pytest.mark.parametrize(
     "shape,kernel,stride,dilation,causal",
-    [
-        ((30,), (7,), (3,), (2,), (False,)),
-        ((5, 9), (3, 5), (1, 2), (1, 1), (True, False)),
-        ((3, 4, 6), (3, 3, 3), (1, 2, 2), (1, 1, 2), (False, False, False)),
-    ],
-    ids=["1d", "2d-causal", "3d"],
+    [((5, 9), (3, 5), (1, 2), (1, 1), (True, False)), ((3, 4, 6), (3, 3, 3), (1, 2, 2), (1, 1, 2), (False, False, False))],
+    ids=["2d-causal", "3d-dilated"],
 )
 def test_mask_mod_drives_an_exact_flex_path(shape, kernel, stride, dilation, causal):
     from diffattn.kernels.flex import flex_mask_mod_attention
