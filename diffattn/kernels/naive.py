@@ -58,11 +58,7 @@ def dense_masked_attention(
 
 
 def block_mass_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    lse: torch.Tensor,
-    block_q: int = 64,
-    block_k: int = 64,
+    q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, block_q: int = 64, block_k: int = 64,
     scale: float | None = None,
 ) -> torch.Tensor:
     """Attention mass of every tile, float32 ``[B, H, Mq, Mk]``: the probabilities ``exp(s - lse)`` of

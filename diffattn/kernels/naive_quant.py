@@ -27,13 +27,8 @@ __all__ = [
 
 
 def naive_quantized_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layout: BlockSparseLayout,
-    scale: float | None = None,
-    qk_bits: int | None = 8,
-    pv_bits: int | None = 8,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockSparseLayout, scale: float | None = None,
+    qk_bits: int | None = 8, pv_bits: int | None = 8,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantized attention computed the obvious way: keys minus their mean; q and k rounded to the
     symmetric grid ``absmax / (2**(bits-1) - 1)`` of their own ``block``-row tile; the full masked score
