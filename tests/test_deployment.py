@@ -198,6 +198,11 @@ class _CountSyncs(torch.utils._python_dispatch.TorchDispatchMode):
         ("wan", "adaspa", dict(warmup_steps=0, block_size=16)),
         ("cogvideox", "dense", {}),
         ("cogvideox", "radial", dict(dense_layers=0, dense_steps=0)),
+        ("hunyuanvideo", "dense", {}),
+        ("hunyuanvideo", "radial", dict(dense_layers=0, dense_steps=0)),
+        ("hunyuanvideo", "gna", {}),
+        ("hunyuanvideo", "paro", dict(calibration_steps=(0,), block_size=16)),
+        ("hunyuanvideo", "adaspa", dict(warmup_steps=0, block_size=16)),
     ],
 )
 def test_steady_state_attention_does_not_wait_on_the_host(family, method, fields):

@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from diffattn.kernels import block_sparse_attention
-from diffattn.kernels.reference import dense_masked_attention
+from diffattn.kernels.naive import dense_masked_attention
 from diffattn.methods import AttnContext
 from diffattn.methods.gna import GNAConfig, GNAMethod
 from diffattn.patterns.neighborhood import (
     fit_to_grid,
     gna_plan,
     gna_simulate,
+    neighborhood_mask_mod,
     neighborhood_token_mask,
     permute_tokens,
     tile_permutation,
@@ -108,6 +109,24 @@ CASE_IDS = [
 def test_token_mask_matches_reference(shape, kernel, stride, dilation, causal, tile, block):
     want = sets_to_mask(ref_key_sets(shape, kernel, stride, dilation, causal))
     assert torch.equal(neighborhood_token_mask(shape, kernel, stride, dilation, causal), want)
+
+
+@pytest.mark.parametrize(
+    "shape,kernel,stride,dilation,causal",
+    [((5, 9), (3, 5), (1, 2), (1, 1), (True, False)), ((3, 4, 6), (3, 3, 3), (1, 2, 2), (1, 1, 2), (False, False, False))],
+    ids=["2d-causal", "3d-dilated"],
+)
+def test_mask_mod_drives_an_exact_flex_path(shape, kernel, stride, dilation, causal):
+    from diffattn.kernels.flex import flex_mask_mod_attention
+
+    n = math.prod(shape)
+    torch.manual_seed(n)
+    q, k, v = (torch.randn(2, 2, n, 16) for _ in range(3))
+    mod = neighborhood_mask_mod(shape, kernel, stride, dilation, causal)
+    o, lse = flex_mask_mod_attention(q, k, v, mod, block_size=16)
+    want = ref_na_attention(q, k, v, ref_key_sets(shape, kernel, stride, dilation, causal))
+    assert_close(o, want, torch.float32)
+    assert torch.isfinite(lse).all()
 
 
 @pytest.mark.parametrize("shape,kernel,stride,dilation,causal,tile,block", CASES, ids=CASE_IDS)

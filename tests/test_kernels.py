@@ -411,12 +411,70 @@ def test_bad_backend_and_layout_rejected(monkeypatch):
     with pytest.raises(TypeError, match="BlockSparseLayout"):
         block_sparse_attention(q, q, q, torch.ones(1, 1, 2, 2, dtype=torch.bool), backend="torch")
     big = BlockSparseLayout.dense(1, 1, 100, 100, 64, 256)
-    with pytest.raises(ValueError, match="block_k <= 128"):
+    with pytest.raises(RuntimeError, match="at most 128, got 256"):
         block_sparse_attention(q, q, q, big, backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not can_run("triton", torch.device("cpu"))
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         block_sparse_attention(q, q, q, _layout(), backend="triton")
+
+
+def test_each_backend_says_whether_it_can_serve_the_call(monkeypatch):
+    q = torch.randn(1, 2, 100, 32)
+    small, big = _layout(), BlockSparseLayout.dense(1, 1, 100, 100, 64, 256)
+    pick = kernel_api.select_backend
+    assert pick("auto", q, q, q, small).name == "torch"
+    assert pick("auto", q, q, q, small, qk_bits=8, pv_bits=4).name == "torch-quant"
+    assert pick("torch", q, q, q, small, pv_bits=8).name == "torch-quant"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert pick("triton", q, q, q, small).name == "triton"
+    assert pick("triton", q, q, q, small, qk_bits=8).name == "triton-quant"
+    with pytest.raises(RuntimeError, match="qk_bits=8 or 4.*'torch'"):
+        pick("triton", q, q, q, small, pv_bits=8)
+    with pytest.raises(RuntimeError, match="at most 128"):
+        pick("triton", q, q, q, big, qk_bits=8)
+    with pytest.raises(RuntimeError, match="no quantized path; use backend='triton'"):
+        pick("flex", q, q, q, small, qk_bits=8)
+    with pytest.raises(ValueError, match="pv_bits must be 8, 4 or None"):
+        block_sparse_attention(q, q, q, small, pv_bits=2)
+
+
+def test_auto_logs_its_fallback_once(monkeypatch, caplog):
+    q = torch.randn(1, 2, 100, 32)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(kernel_api, "_auto_families", lambda device: ("triton", "torch"))
+    monkeypatch.setattr(kernel_api, "_logged", set())
+    with caplog.at_level("INFO", logger="diffattn"):
+        for _ in range(2):
+            assert kernel_api.select_backend("auto", q, q, q, _layout(), qk_bits=8).name == "torch-quant"
+    said = [r.getMessage() for r in caplog.records if "falls back" in r.getMessage()]
+    assert len(said) == 1 and "triton-quant cannot run it" in said[0] and "CUDA" in said[0]
+
+
+def test_quantized_call_goes_through_the_one_entry_point():
+    from diffattn.kernels.naive_quant import naive_quantized_attention
+    from tests.tolerances import assert_quant_close
+
+    q, k, v = _qkv(2, 3, 150, 150, 40, torch.float32)
+    layout = _random_layout(2, 1, 150, 150, 32, 32, 0.5)
+    o, lse = block_sparse_attention(q, k, v, layout, backend="torch", qk_bits=8, pv_bits=8)
+    ref_o, ref_lse = naive_quantized_attention(q, k, v, layout, qk_bits=8, pv_bits=8)
+    assert_quant_close(o, ref_o, v, layout.to_token_mask(), 8, lse, ref_lse)
+
+
+def test_flex_block_mask_is_built_once_per_layout(monkeypatch):
+    from diffattn.kernels import flex
+
+    built = []
+    real = flex.layout_to_flex_block_mask
+    monkeypatch.setattr(flex, "layout_to_flex_block_mask", lambda *a: built.append(a[1:]) or real(*a))
+    q, k, v = _qkv(1, 2, 70, 70, 16, torch.float32)
+    layout = _random_layout(1, 1, 70, 70, 16, 16, 0.5)
+    first = block_sparse_attention(q, k, v, layout, backend="flex")
+    again = block_sparse_attention(q, k, v, layout, backend="flex")
+    assert built == [(1, 2, 70, 70)] and torch.equal(first[0], again[0])
+    block_sparse_attention(q[:, :1], k[:, :1], v[:, :1], layout, backend="flex")
+    assert built[-1] == (1, 1, 70, 70)  # another shape gets its own BlockMask
 
 
 def test_block_mass_rejects_bad_inputs():

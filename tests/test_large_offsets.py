@@ -19,7 +19,7 @@ CHILD = textwrap.dedent(
     import torch
     sys.path.insert(0, {tests!r})
     from diffattn.kernels import BlockSparseLayout, block_mass_reference, dense_masked_attention
-    from diffattn.kernels.quant_reference import online_quantized_attention
+    from diffattn.kernels.naive_quant import online_quantized_attention
     from tolerances import assert_close
 
     path = sys.argv[1]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import diffattn
-from diffattn.kernels.reference import dense_masked_attention
+from diffattn.kernels import dense_masked_attention
 from diffattn.methods import describe
 from tests import tiny_models as T
 from tests.tolerances import MODEL_TOL

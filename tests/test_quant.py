@@ -1,17 +1,15 @@
-"""Quantized block-sparse attention reference: exact when unquantized, within its proved bounds, and
-with typical errors as documented (tests/tolerances.py: QUANT_REL_L2)."""
+"""Quantized block-sparse attention (the "torch" backend's quantized path): exact when unquantized,
+equal to its naive oracle, within its proved bounds, and with typical errors as documented
+(tests/tolerances.py: QUANT_REL_L2)."""
 
 import pytest
 import torch
 
 from diffattn.kernels import BlockSparseLayout, dense_masked_attention
-from diffattn.kernels.quant_reference import (
-    quantization_error_bound,
-    quantize_blockwise,
-    quantized_block_sparse_attention,
-)
+from diffattn.kernels.naive_quant import naive_quantized_attention, quantization_error_bound
+from diffattn.kernels.quant import quantize_blockwise, quantized_block_sparse_attention
 from diffattn.patterns.synthetic import synthetic_qkv
-from tests.tolerances import QUANT_REL_L2, assert_close
+from tests.tolerances import QUANT_REL_L2, assert_close, assert_quant_close
 
 BITS = [(8, None), (8, 8), (8, 4), (4, 8)]
 
@@ -121,3 +119,18 @@ def test_bad_bits_are_rejected(arg, value):
     layout = BlockSparseLayout.dense(1, 1, 64, 64)
     with pytest.raises(ValueError, match=arg):
         quantized_block_sparse_attention(q, k, v, layout, **{arg: value})
+
+
+@pytest.mark.parametrize("bits", BITS, ids=_bits_id)
+def test_equals_the_naive_oracle_on_odd_shapes_and_partial_blocks(bits):
+    b, h, n, d = 2, 3, 111, 40
+    q, k, v = (torch.randn(b, h, n, d) for _ in range(3))
+    k = k + 3.0
+    token_mask = torch.rand(b, h, n, n) < 0.5
+    token_mask[:, :, :5] = False  # rows with nothing kept
+    layout = BlockSparseLayout.from_token_mask(token_mask, 32, 32)
+    o, lse = quantized_block_sparse_attention(q, k, v, layout, qk_bits=bits[0], pv_bits=bits[1])
+    ref_o, ref_lse = naive_quantized_attention(q, k, v, layout, qk_bits=bits[0], pv_bits=bits[1])
+    assert_quant_close(o, ref_o, v, token_mask, bits[1], lse, ref_lse)
+    unquantized, _ = dense_masked_attention(q, k, v, layout)
+    assert (o - unquantized).abs().max() > 1e-4  # the oracle is not plain attention

@@ -6,13 +6,14 @@ import math
 import pytest
 import torch
 
-from diffattn.kernels.reference import dense_masked_attention
+from diffattn.kernels.naive import dense_masked_attention
 from diffattn.methods import AttnContext
 from diffattn.methods.radial import RadialConfig, RadialMethod
 from diffattn.patterns.radial import (
     block_mask_to_layout,
     radial_block_mask,
     radial_layout,
+    radial_mask_mod,
     radial_token_mask,
 )
 from tests import drawn
@@ -115,6 +116,19 @@ def test_official_truncation_only_removes_blocks():
 @pytest.mark.parametrize("frames,p,decay,block", SHAPES[:4], ids=SHAPE_IDS[:4])
 def test_token_mask_matches_reference(frames, p, decay, block, sink):
     assert torch.equal(radial_token_mask(frames, p, decay, block, sink), ref_token_mask(frames, p, decay, block, sink))
+
+
+def test_mask_mod_drives_an_exact_flex_path():
+    from diffattn.kernels.flex import flex_mask_mod_attention
+
+    frames, p = 5, 21
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, frames * p, 32) for _ in range(3))
+    mod = radial_mask_mod(frames, p, 0.5, 16, attention_sink=True)
+    o, lse = flex_mask_mod_attention(q, k, v, mod, block_size=16)
+    want, want_lse = dense_masked_attention(q, k, v, token_mask=ref_token_mask(frames, p, 0.5, 16, True))
+    assert_close(o, want, torch.float32)
+    assert_close(lse, want_lse, torch.float32, what="lse")
 
 
 def test_striding_drops_far_odd_frames():

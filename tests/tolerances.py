@@ -8,4 +8,5 @@ from diffattn.kernels.tolerances import (  # noqa: F401
     QUANT_LEVEL_FLIP_ROWS,
     QUANT_REL_L2,
     assert_close,
+    assert_quant_close,
 )

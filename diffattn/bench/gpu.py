@@ -248,8 +248,8 @@ def correctness(run: Run, device, smoke: bool) -> None:
     import torch
 
     from diffattn.kernels import dense_masked_attention
-    from diffattn.kernels.quant_reference import online_quantized_attention
-    from diffattn.kernels.reference import block_mass_reference
+    from diffattn.kernels.naive_quant import online_quantized_attention
+    from diffattn.kernels.naive import block_mass_reference
     from diffattn.kernels.tolerances import MASS_TOL
 
     for tag, kind, dt, d, bq, bk, b, h, nq, nk, variant in (SMOKE_CORRECTNESS if smoke else CORRECTNESS):

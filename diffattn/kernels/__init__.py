@@ -1,13 +1,11 @@
-"""Block-sparse attention kernels (Triton) with plain-PyTorch references. Imports torch/triton only."""
+"""Block-sparse attention behind one entry point (Triton, C++ on CPU, FlexAttention and plain-PyTorch
+backends, quantized or not), with the plain-PyTorch oracles they are tested against in ``naive`` and
+``naive_quant``. Imports torch/triton only."""
 
 from .api import available_backends, block_mass, block_sparse_attention, can_run, resolve_backend
 from .layout import BlockSparseLayout, cdiv
-from .reference import (
-    block_mass_reference,
-    dense_masked_attention,
-    gathered_block_attention,
-    merge_attention,
-)
+from .naive import block_mass_reference, dense_masked_attention
+from .torch_attention import gathered_block_attention, merge_attention
 
 __all__ = [
     "BlockSparseLayout",

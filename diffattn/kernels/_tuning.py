@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
 # Opt-in shared memory per block: H100/H200 (sm_90) and A100 (sm_80).
 SHARED_MEMORY = {90: 232448, 80: 166912}

@@ -1,8 +1,13 @@
 """Public kernel entry points and backend dispatch.
 
-Backends (parameters that change *speed*, never *what* is computed):
+``block_sparse_attention`` runs on one of several backends. Each is an object whose
+``can_run(q, k, v, layout, qk_bits, pv_bits)`` says, from the tensors' device, dtype and the layout's
+blocks alone (never their values), whether it can serve the call, and if not why. The ``backend``
+argument names a family; ``"auto"`` tries the families in order of speed. The backend chosen and
+every fallback are logged once; a request no backend of the family can serve raises with the fix.
 
-* ``"triton"`` — our block-sparse flash kernel (CUDA; on CPU only under ``TRITON_INTERPRET=1``).
+* ``"triton"`` — our block-sparse flash kernel (CUDA; on CPU only under ``TRITON_INTERPRET=1``), and
+  for quantized calls (``qk_bits`` set) the INT8 kernel of :mod:`diffattn.kernels.triton_quant`.
 * ``"torch"``  — the CPU path; it picks per problem (same result on every path, see :func:`cpu_path`):
 
   - ``"dense"``: a layout listing every block with no partial ones runs PyTorch's fused CPU attention;
@@ -13,26 +18,30 @@ Backends (parameters that change *speed*, never *what* is computed):
     (time proportional to the listed blocks);
   - ``"gathered"``: without a C++ compiler (logged once) the plain-PyTorch gather of listed key
     blocks, or ``"masked"`` where the mask is small. On CUDA ``"torch"`` always gathers.
+
+  Quantized calls run :func:`diffattn.kernels.quant.quantized_block_sparse_attention` (P rounded
+  against the final row max, where the Triton kernel rounds online; both within their bounds).
 * ``"flex"``   — PyTorch FlexAttention with ``BlockMask.from_kv_blocks``, compiled on CUDA: an
   alternative and the baseline to beat. On CPU it runs eagerly (exact, but ``Nq x Nk`` memory).
-* ``"auto"``   — ``triton`` on CUDA when available, else ``torch``; the choice and its reason are
-  logged once.
+  No quantized path.
+* ``"auto"``   — ``triton`` on CUDA where it can serve the call, else ``torch``.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-import weakref
 
 import torch
 
 from ._tuning import interpreting
-from .layout import BlockSparseLayout
+from .layout import BlockSparseLayout, check_block
 from .cpu import cpu_kernel, sparse_cpu_attention
-from .reference import gathered_block_attention, masked_cpu_attention
+from .torch_attention import gathered_block_attention, masked_cpu_attention
 
-__all__ = ["block_sparse_attention", "block_mass", "available_backends", "resolve_backend", "BACKENDS"]
+__all__ = [
+    "block_sparse_attention", "block_mass", "available_backends", "resolve_backend", "select_backend", "BACKENDS",
+]
 
 logger = logging.getLogger("diffattn")
 BACKENDS = ("auto", "triton", "torch", "flex")
@@ -72,23 +81,17 @@ def _has_flex() -> bool:
 
 
 def can_run(backend: str, device: torch.device, raise_error: bool = False) -> bool:
-    """Whether ``backend`` can run on ``device``; with ``raise_error`` say why not and how to fix it."""
+    """Whether the ``backend`` family can run on ``device`` at all (a call's block sizes and
+    quantization are for each :class:`Backend`'s ``can_run``); with ``raise_error`` say why not."""
+    if backend not in BACKENDS[1:]:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     reason = None
     if backend == "triton":
-        if not _has_triton():
-            reason = "Triton is not installed; `pip install triton` (Linux) or use backend='torch'"
-        elif device.type != "cuda" and not triton_interpret():
-            reason = (
-                f"the Triton kernel needs CUDA tensors, got {device.type}; move inputs to a GPU, set "
-                "TRITON_INTERPRET=1 (slow, for tests) or use backend='torch'"
-            )
-    elif backend == "flex":
+        reason = _triton_reason(device)
+    elif backend == "flex" and not _has_flex():
         # Off CUDA FlexAttention runs eagerly: still exact (our mask_mod encodes the layout), but it
         # materialises Nq x Nk scores, so "auto" never picks it there.
-        if not _has_flex():
-            reason = "this torch build has no torch.nn.attention.flex_attention; upgrade torch or use 'torch'"
-    elif backend != "torch":
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        reason = "this torch build has no torch.nn.attention.flex_attention; upgrade torch or use 'torch'"
     if reason is not None and raise_error:
         raise RuntimeError(f"backend={backend!r} cannot run: {reason}")
     return reason is None
@@ -140,6 +143,149 @@ def _describe(t: object) -> str:
     return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
+class Backend:
+    """One way to compute ``block_sparse_attention``; ``family`` is the ``backend=`` value it serves."""
+
+    name: str
+    family: str
+    quantized: bool = False
+
+    def can_run(self, q, k, v, layout, qk_bits=None, pv_bits=None) -> str | None:
+        """``None`` if this backend can serve the call, else why not and how to get there. Reads
+        devices, dtypes and block sizes only: it runs on every call and must not wait on the device."""
+        raise NotImplementedError
+
+    def run(self, q, k, v, layout, scale, qk_bits=None, pv_bits=None):
+        raise NotImplementedError
+
+
+def _triton_reason(device: torch.device) -> str | None:
+    if not _has_triton():
+        return "Triton is not installed; `pip install triton` (Linux) or use backend='torch'"
+    if device.type != "cuda" and not triton_interpret():
+        return (
+            f"the Triton kernel needs CUDA tensors, got {device.type}; move inputs to a GPU, set "
+            "TRITON_INTERPRET=1 (slow, for tests) or use backend='torch'"
+        )
+    return None
+
+
+class _Triton(Backend):
+    name, family = "triton", "triton"
+
+    def can_run(self, q, k, v, layout, qk_bits=None, pv_bits=None):
+        if layout.block_k > 128:
+            return f"its key tile is the layout's key block, at most 128, got {layout.block_k}; use smaller blocks"
+        return _triton_reason(q.device)
+
+    def run(self, q, k, v, layout, scale, qk_bits=None, pv_bits=None):
+        from .triton_attention import triton_block_sparse_attention
+
+        return triton_block_sparse_attention(q, k, v, layout, scale)
+
+
+class _TritonQuant(Backend):
+    name, family, quantized = "triton-quant", "triton", True
+
+    def can_run(self, q, k, v, layout, qk_bits=None, pv_bits=None):
+        if qk_bits is None:
+            return "the quantized kernel needs integer Q·Kᵀ (qk_bits=8 or 4); P-only quantization runs on 'torch'"
+        if max(layout.block_q, layout.block_k) > 128:
+            return (
+                f"its tiles are the layout's blocks, at most 128, got {layout.block_q} x {layout.block_k}; "
+                "use smaller blocks"
+            )
+        return _triton_reason(q.device)
+
+    def run(self, q, k, v, layout, scale, qk_bits=None, pv_bits=None):
+        from .triton_quant import triton_quantized_block_sparse_attention
+
+        return triton_quantized_block_sparse_attention(q, k, v, layout, scale, qk_bits, pv_bits)
+
+
+class _Flex(Backend):
+    name, family = "flex", "flex"
+
+    def can_run(self, q, k, v, layout, qk_bits=None, pv_bits=None):
+        return None if can_run("flex", q.device) else "this torch build has no FlexAttention; use 'torch'"
+
+    def run(self, q, k, v, layout, scale, qk_bits=None, pv_bits=None):
+        from .flex import flex_block_sparse_attention
+
+        return flex_block_sparse_attention(q, k, v, layout, scale)
+
+
+class _Torch(Backend):
+    name, family = "torch", "torch"
+
+    def can_run(self, q, k, v, layout, qk_bits=None, pv_bits=None):
+        return None
+
+    def run(self, q, k, v, layout, scale, qk_bits=None, pv_bits=None):
+        path = cpu_path(q, k, v, layout)
+        if path == "dense":
+            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)
+            return o, lse.float()
+        if path == "masked":
+            return masked_cpu_attention(q, k, v, layout, scale)
+        if path == "kernel":
+            return sparse_cpu_attention(q, k, v, layout, scale)
+        return gathered_block_attention(q, k, v, layout, scale)
+
+
+class _TorchQuant(Backend):
+    name, family, quantized = "torch-quant", "torch", True
+
+    def can_run(self, q, k, v, layout, qk_bits=None, pv_bits=None):
+        return None
+
+    def run(self, q, k, v, layout, scale, qk_bits=None, pv_bits=None):
+        from .quant import quantized_block_sparse_attention
+
+        return quantized_block_sparse_attention(q, k, v, layout, scale, qk_bits, pv_bits)
+
+
+BACKEND_IMPLS: tuple[Backend, ...] = (_Triton(), _TritonQuant(), _Flex(), _Torch(), _TorchQuant())
+
+
+def _auto_families(device: torch.device) -> tuple[str, ...]:
+    if device.type == "cuda":
+        return ("triton", "torch")
+    log_once("auto-torch", "diffattn: block-sparse attention uses the PyTorch path (no CUDA device)")
+    return ("torch",)
+
+
+def select_backend(
+    backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockSparseLayout,
+    qk_bits: int | None = None, pv_bits: int | None = None,
+) -> Backend:
+    """The backend that serves this call: the first of the requested family (for ``"auto"``: Triton on
+    CUDA, then torch) whose ``can_run`` agrees. Logs the choice and any fallback once; raises when the
+    family named cannot serve the call."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    quantized = qk_bits is not None or pv_bits is not None
+    families = (backend,) if backend != "auto" else _auto_families(q.device)
+    refused = []
+    for family in families:
+        impls = [i for i in BACKEND_IMPLS if i.family == family and i.quantized == quantized]
+        if not impls:
+            refused.append(f"{family!r} has no quantized path; use backend='triton' (CUDA) or 'torch'")
+        for impl in impls:
+            why = impl.can_run(q, k, v, layout, qk_bits, pv_bits)
+            if why is None:
+                if refused:
+                    log_once(
+                        f"fallback-{impl.name}-{refused[0]}",
+                        f"diffattn: block-sparse attention falls back to {impl.name!r} ({refused[0]})",
+                    )
+                else:
+                    log_once(f"backend-{impl.name}", f"diffattn: block-sparse attention uses {impl.name!r}")
+                return impl
+            refused.append(f"{impl.name} cannot run it: {why}")
+    raise RuntimeError(f"backend={backend!r} cannot run this call: " + "; ".join(refused))
+
+
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -148,6 +294,8 @@ def block_sparse_attention(
     scale: float | None = None,
     return_lse: bool = True,
     backend: str = "auto",
+    qk_bits: int | None = None,
+    pv_bits: int | None = None,
 ):
     """Block-sparse softmax attention over the key blocks listed in ``layout``.
 
@@ -159,6 +307,9 @@ def block_sparse_attention(
         scale: softmax scale, default ``D ** -0.5``.
         return_lse: also return the natural-log log-sum-exp per query.
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"flex"``.
+        qk_bits: 8 or 4 for integer Q·Kᵀ with per-block scales (see :mod:`diffattn.kernels.quant`);
+            None (default) keeps the inputs' precision.
+        pv_bits: 8 or 4 to quantize P for P·V; None (default) keeps it unrounded.
 
     Returns:
         ``o`` ``[B, H, Nq, D]`` in q's dtype, and (if ``return_lse``) ``lse`` float32 ``[B, H, Nq]``.
@@ -174,47 +325,17 @@ def block_sparse_attention(
     check_qkv(q, k, v)
     if not isinstance(layout, BlockSparseLayout):
         raise TypeError(f"layout must be a BlockSparseLayout, got {type(layout).__name__}")
+    for name, bits in (("qk_bits", qk_bits), ("pv_bits", pv_bits)):
+        if bits not in (None, 4, 8):
+            raise ValueError(f"{name} must be 8, 4 or None (no quantization), got {bits!r}")
     b, h, nq, d = q.shape
     layout.check_inputs(b, h, nq, k.shape[-2])
     if layout.kv_indices.device != q.device:
         layout = layout.to(q.device)
     scale = d**-0.5 if scale is None else float(scale)
-    name = resolve_backend(backend, q.device)
-    if name == "triton" and backend == "auto" and layout.block_k > 128:
-        log_once("auto-big-block", "diffattn: key blocks above 128 use the PyTorch path (Triton tiles <= 128)")
-        name = "torch"
-    if name == "triton":
-        from .triton_attention import triton_block_sparse_attention
-
-        o, lse = triton_block_sparse_attention(q, k, v, layout, scale)
-    elif name == "flex":
-        from .flex import flex_block_sparse_attention
-
-        o, lse = flex_block_sparse_attention(q, k, v, layout, scale)
-    else:
-        path = cpu_path(q, k, v, layout)
-        if path == "dense":
-            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)
-            lse = lse.float()
-        elif path == "masked":
-            o, lse = masked_cpu_attention(q, k, v, layout, scale)
-        elif path == "kernel":
-            o, lse = sparse_cpu_attention(q, k, v, layout, scale)
-        else:
-            o, lse = gathered_block_attention(q, k, v, layout, scale)
+    impl = select_backend(backend, q, k, v, layout, qk_bits, pv_bits)
+    o, lse = impl.run(q, k, v, layout, scale, qk_bits, pv_bits)
     return (o, lse) if return_lse else o
-
-
-# Per-layout facts the path choice needs (one host read when a layout is first used, then cached).
-_layout_facts: "weakref.WeakKeyDictionary[BlockSparseLayout, tuple[float, bool]]" = weakref.WeakKeyDictionary()
-
-
-def _density_and_full(layout: BlockSparseLayout) -> tuple[float, bool]:
-    if layout not in _layout_facts:
-        density = layout.density
-        full = layout.kv_mask_ids is None and bool((layout.kv_counts == layout.num_kv_blocks).all())
-        _layout_facts[layout] = (density, full)
-    return _layout_facts[layout]
 
 
 def cpu_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockSparseLayout) -> str:
@@ -222,8 +343,9 @@ def cpu_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockSpa
     if q.device.type != "cpu":
         return "gathered"
     fused = _HAS_CPU_FLASH and q.dtype == k.dtype == v.dtype and v.shape[-1] == q.shape[-1]
-    density, full = _density_and_full(layout)
-    if fused and full:
+    # Both facts are host values kept on the layout: known when it was built, or read once.
+    density = layout.density
+    if fused and layout.is_full:
         return "dense"
     lb, lh = layout.kv_counts.shape[:2]
     small = fused and lb * lh * q.shape[-2] * k.shape[-2] <= CPU_MASKED_MAX_ELEMENTS
@@ -259,9 +381,8 @@ def block_mass(
         raise ValueError(f"lse is on {lse.device} but q on {q.device}; move lse to q's device")
     if not lse.is_floating_point():
         raise ValueError(f"lse must be a floating tensor (float32), got {lse.dtype}")
-    for name, value in (("block_q", block_q), ("block_k", block_k)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 16 or value & (value - 1):
-            raise ValueError(f"{name} must be a power of two >= 16 (e.g. 64), got {value!r}")
+    check_block(block_q, "block_q")
+    check_block(block_k, "block_k")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend == "flex":
         # FlexAttention has no mass-only pass; the speed-only backend choice falls back to "auto".
@@ -275,6 +396,6 @@ def block_mass(
         from .triton_block_mass import triton_block_mass
 
         return triton_block_mass(q, k, lse, block_q, block_k, scale)
-    from .reference import block_mass_reference
+    from .torch_attention import block_mass_torch
 
-    return block_mass_reference(q, k, lse, block_q, block_k, scale)
+    return block_mass_torch(q, k, lse, block_q, block_k, scale)

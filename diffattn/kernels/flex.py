@@ -21,7 +21,9 @@ import torch
 
 from .layout import BlockSparseLayout
 
-__all__ = ["flex_block_sparse_attention", "layout_to_flex_block_mask"]
+__all__ = [
+    "cached_flex_block_mask", "flex_block_sparse_attention", "flex_mask_mod_attention", "layout_to_flex_block_mask",
+]
 
 _compiled = None
 # Distinct (shape, block-mask size) specialisations one process may compile before raising.
@@ -43,6 +45,17 @@ def _block_state(layout: BlockSparseLayout) -> torch.Tensor:
     val = layout.kv_mask_ids if layout.kv_mask_ids is not None else torch.full_like(col, _FULL)
     state.scatter_(-1, col.long(), val)
     return state[..., : layout.num_kv_blocks].contiguous()
+
+
+def cached_flex_block_mask(layout: BlockSparseLayout, batch: int, heads: int, seq_q: int, seq_k: int):
+    """:func:`layout_to_flex_block_mask`, kept on the layout: a planned layout serves many calls, and
+    building a ``BlockMask`` sorts every row of blocks. One entry per layout (one shape is the rule)."""
+    key = (batch, heads, seq_q, seq_k)
+    hit = layout.__dict__.get("_flex_block_mask")
+    if hit is None or hit[0] != key:
+        hit = (key, layout_to_flex_block_mask(layout, batch, heads, seq_q, seq_k))
+        layout.__dict__["_flex_block_mask"] = hit
+    return hit[1]
 
 
 def layout_to_flex_block_mask(layout: BlockSparseLayout, batch: int, heads: int, seq_q: int, seq_k: int):
@@ -115,26 +128,50 @@ def flex_block_sparse_attention(
         q: ``[B, H, Nq, D]``; k: ``[B, H, Nk, D]``; v: ``[B, H, Nk, Dv]``.
         layout: the blocks to compute (batch/head dims 1 or matching).
         scale: softmax scale, default ``D ** -0.5``.
-        block_mask: a ``BlockMask`` already built by :func:`layout_to_flex_block_mask` for these
-            shapes (saves rebuilding it on repeated calls, e.g. in benchmarks).
+        block_mask: a ``BlockMask`` built by :func:`layout_to_flex_block_mask` for these shapes; by
+            default the one cached on the layout (:func:`cached_flex_block_mask`).
 
     Returns:
         ``o`` ``[B, H, Nq, Dv]`` in q's dtype and ``lse`` float32 ``[B, H, Nq]`` (natural log); rows that
         see no key give zeros and ``lse = -inf``.
     """
+    b, h, nq, d = q.shape
+    if block_mask is None:
+        block_mask = cached_flex_block_mask(layout, b, h, nq, k.shape[-2])
+    # The kernel tile must divide the layout's blocks; the default tile may not.
+    tiles = {"BLOCK_M": min(layout.block_q, 128), "BLOCK_N": min(layout.block_k, 64)}
+    return _run(q, k, v, block_mask, scale, tiles)
+
+
+def flex_mask_mod_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask_mod,
+    scale: float | None = None,
+    block_size: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlexAttention under a pointwise rule ``mask_mod(b, h, q_idx, kv_idx)`` (e.g.
+    :func:`diffattn.patterns.radial.radial_mask_mod`): token-exact, its ``BlockMask`` derived from the
+    rule by ``create_block_mask`` in ``block_size`` tiles. Returns ``(o, lse)`` as above."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    b, h, nq, _ = q.shape
+    block_mask = create_block_mask(
+        mask_mod, b, h, nq, k.shape[-2], device=q.device, BLOCK_SIZE=block_size, _compile=q.is_cuda
+    )
+    return _run(q, k, v, block_mask, scale, {"BLOCK_M": min(block_size, 128), "BLOCK_N": min(block_size, 64)})
+
+
+def _run(q, k, v, block_mask, scale, tiles):
     from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
-    b, h, nq, d = q.shape
-    nk = k.shape[-2]
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    if block_mask is None:
-        block_mask = layout_to_flex_block_mask(layout, b, h, nq, nk)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     kernel_options = None
     compiled = contextlib.nullcontext()
     if q.is_cuda:
         fn = _flex_call()
-        # The kernel tile must divide the layout's blocks; the default tile may not.
-        kernel_options = {"BLOCK_M": min(layout.block_q, 128), "BLOCK_N": min(layout.block_k, 64)}
+        kernel_options = tiles
         # Every new shape or block-mask size compiles once more; past torch's recompile limit (8) the
         # call would run eagerly with an Nq x Nk score matrix. Allow many shapes, and raise past them.
         import torch._dynamo

@@ -22,11 +22,12 @@ without computing a superset.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields
+from functools import cached_property
 
 import torch
 
-__all__ = ["BlockSparseLayout", "cdiv"]
+__all__ = ["BlockSparseLayout", "cdiv", "check_block"]
 
 
 def cdiv(a: int, b: int) -> int:
@@ -47,6 +48,22 @@ class BlockSparseLayout:
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @classmethod
+    def _built(cls, *args, density: float | None = None, full: bool | None = None, **kwargs) -> "BlockSparseLayout":
+        """A layout whose constructor guarantees valid entries: only the shape checks run, because the
+        value checks read the device. ``density`` / ``full`` seed the host-side facts when the
+        constructor knows them, so using the layout never reads them back."""
+        self = object.__new__(cls)
+        given = dict(zip((f.name for f in fields(cls)), args), **kwargs)
+        for f in fields(cls):
+            object.__setattr__(self, f.name, given.get(f.name, f.default))
+        self._check_structure()
+        if density is not None:
+            self.__dict__["density"] = float(density)
+        if full is not None:
+            self.__dict__["is_full"] = bool(full)
+        return self
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -69,18 +86,12 @@ class BlockSparseLayout:
             )
         if mask.dtype != torch.bool:
             raise ValueError(f"mask must be bool, got {mask.dtype}; use mask.bool() or mask > 0")
-        _check_block(block_q, "block_q")
-        _check_block(block_k, "block_k")
-        mk = mask.shape[-1]
+        check_block(block_q, "block_q")
+        check_block(block_k, "block_k")
         counts = mask.sum(-1, dtype=torch.int32)
         kmax = max(int(counts.max()) if counts.numel() else 0, 1)
-        # Stable sort puts selected blocks first, in increasing block order.
-        order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[..., :kmax].to(torch.int32)
-        slot = torch.arange(kmax, device=mask.device, dtype=torch.int32)
-        indices = torch.where(slot < counts[..., None], order, torch.full_like(order, -1))
-        return cls(
-            indices.contiguous(), counts.contiguous(), int(block_q), int(block_k), int(mk), seq_q, seq_k
-        )
+        indices, counts = _rows(mask, counts, kmax)
+        return cls._built(indices, counts, int(block_q), int(block_k), int(mask.shape[-1]), seq_q, seq_k)
 
     @classmethod
     def dense(
@@ -94,12 +105,12 @@ class BlockSparseLayout:
         device: torch.device | str | None = None,
     ) -> "BlockSparseLayout":
         """Every query block attends to every key block (batch/head dims may be 1 to broadcast)."""
-        _check_block(block_q, "block_q")
-        _check_block(block_k, "block_k")
+        check_block(block_q, "block_q")
+        check_block(block_k, "block_k")
         mq, mk = cdiv(seq_q, block_q), cdiv(seq_k, block_k)
         idx = torch.arange(mk, dtype=torch.int32, device=device).expand(batch, heads, mq, mk).contiguous()
         counts = torch.full((batch, heads, mq), mk, dtype=torch.int32, device=device)
-        return cls(idx, counts, block_q, block_k, mk, seq_q, seq_k)
+        return cls._built(idx, counts, block_q, block_k, mk, seq_q, seq_k, density=1.0, full=True)
 
     @classmethod
     def from_token_mask(
@@ -133,7 +144,9 @@ class BlockSparseLayout:
         safe = layout.kv_indices.clamp_min(0).long()
         ids = torch.gather(pid, -1, safe)
         ids = torch.where(layout.kv_indices >= 0, ids, torch.full_like(ids, -1))
-        return replace(layout, kv_mask_ids=ids.contiguous(), block_masks=block_masks)
+        return cls._built(
+            layout.kv_indices, layout.kv_counts, block_q, block_k, mk, nq, nk, ids.contiguous(), block_masks
+        )
 
     @classmethod
     def from_key_padding(
@@ -141,33 +154,30 @@ class BlockSparseLayout:
     ) -> "BlockSparseLayout":
         """Dense layout over keys where ``key_valid`` (bool ``[B, Nk]``, True = real token) holds.
 
-        Every query row sees the same keys; blocks mixing valid and padded keys become partial.
+        Every query row sees the same keys. Every key block is listed (density 1.0) and blocks holding a
+        padded key are partial, so the layout is built without reading the mask back: a padding mask
+        that is new at every forward costs no host synchronisation.
         """
         if key_valid.ndim != 2 or key_valid.dtype != torch.bool:
             raise ValueError(f"key_valid must be bool [B, Nk], got {key_valid.dtype} {tuple(key_valid.shape)}")
+        check_block(block_q, "block_q")
+        check_block(block_k, "block_k")
         b, nk = key_valid.shape
+        dev = key_valid.device
         mq, mk = cdiv(seq_q, block_q), cdiv(nk, block_k)
         padded = key_valid.new_zeros(b, mk * block_k)
         padded[:, :nk] = key_valid
         tiles = padded.view(b, mk, block_k)
-        tail = (torch.arange(mk * block_k, device=key_valid.device) >= nk).view(mk, block_k)
-        any_ = tiles.any(-1)
-        full = (tiles | tail).all(-1) & any_
-        mask = any_[:, None, None, :].expand(b, 1, mq, mk)
-        layout = cls.from_block_mask(mask, block_q, block_k, seq_q, nk)
-        partial = any_ & ~full
-        if not bool(partial.any()):
-            return layout
-        pid = torch.where(
-            partial,
-            torch.arange(b * mk, dtype=torch.int32, device=key_valid.device).view(b, mk),
-            torch.full((b, mk), -1, dtype=torch.int32, device=key_valid.device),
-        )
+        tail = (torch.arange(mk * block_k, device=dev) >= nk).view(mk, block_k)
+        full = (tiles | tail).all(-1)
+        pid = torch.arange(b * mk, dtype=torch.int32, device=dev).view(b, 1, 1, mk)
+        ids = torch.where(full[:, None, None, :], torch.full_like(pid, -1), pid).expand(b, 1, mq, mk)
         block_masks = tiles.reshape(b * mk, 1, block_k).expand(b * mk, block_q, block_k).contiguous()
-        safe = layout.kv_indices.clamp_min(0).long()
-        ids = torch.gather(pid[:, None, None, :].expand(b, 1, mq, mk), -1, safe)
-        ids = torch.where(layout.kv_indices >= 0, ids, torch.full_like(ids, -1))
-        return replace(layout, kv_mask_ids=ids.contiguous(), block_masks=block_masks)
+        idx = torch.arange(mk, dtype=torch.int32, device=dev).expand(b, 1, mq, mk).contiguous()
+        counts = torch.full((b, 1, mq), mk, dtype=torch.int32, device=dev)
+        return cls._built(
+            idx, counts, block_q, block_k, mk, seq_q, nk, ids.contiguous(), block_masks, density=1.0, full=False
+        )
 
     # ------------------------------------------------------------------ views
     @property
@@ -182,11 +192,17 @@ class BlockSparseLayout:
     def has_partial(self) -> bool:
         return self.kv_mask_ids is not None
 
-    @property
+    @cached_property
     def density(self) -> float:
-        """Fraction of (query block, key block) pairs computed, averaged over batch and heads."""
+        """Fraction of (query block, key block) pairs computed, averaged over batch and heads (read from
+        the device once per layout, or known when it was built)."""
         total = self.kv_counts.numel() * self.num_kv_blocks
         return float(self.kv_counts.sum(dtype=torch.float64)) / max(total, 1)
+
+    @cached_property
+    def is_full(self) -> bool:
+        """Every block listed and none partial: plain dense attention (read once, like :attr:`density`)."""
+        return self.kv_mask_ids is None and bool((self.kv_counts == self.num_kv_blocks).all())
 
     def to_block_mask(self) -> torch.Tensor:
         """Boolean ``[B|1, H|1, Mq, Mk]`` mask of the listed blocks (partial blocks count as kept)."""
@@ -224,20 +240,24 @@ class BlockSparseLayout:
         return full[..., :nq, :nk]
 
     def to(self, device: torch.device | str) -> "BlockSparseLayout":
+        """This layout on ``device``; a copy keeps the facts already known on the host."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return replace(
-            self,
-            kv_indices=move(self.kv_indices),
-            kv_counts=move(self.kv_counts),
-            kv_mask_ids=move(self.kv_mask_ids),
-            block_masks=move(self.block_masks),
+        return type(self)._built(
+            move(self.kv_indices), move(self.kv_counts), self.block_q, self.block_k, self.num_kv_blocks,
+            self.seq_q, self.seq_k, move(self.kv_mask_ids), move(self.block_masks),
+            density=self.__dict__.get("density"), full=self.__dict__.get("is_full"),
         )
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
+        """Check shapes, then every entry (the entry checks read the device)."""
+        self._check_structure()
+        self._check_values()
+
+    def _check_structure(self) -> None:
         idx, cnt = self.kv_indices, self.kv_counts
-        _check_block(self.block_q, "block_q")
-        _check_block(self.block_k, "block_k")
+        check_block(self.block_q, "block_q")
+        check_block(self.block_k, "block_k")
         if not isinstance(idx, torch.Tensor) or idx.ndim != 4:
             raise ValueError(f"kv_indices must be a 4-D tensor [B|1, H|1, Mq, Kmax], got {_shape(idx)}")
         if not isinstance(cnt, torch.Tensor) or cnt.ndim != 3:
@@ -252,9 +272,25 @@ class BlockSparseLayout:
             )
         if idx.device != cnt.device:
             raise ValueError(f"kv_indices on {idx.device} but kv_counts on {cnt.device}")
-        mk = self.num_kv_blocks
-        if mk < 1:
-            raise ValueError(f"num_kv_blocks must be >= 1, got {mk}")
+        if self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if (self.kv_mask_ids is None) != (self.block_masks is None):
+            raise ValueError("kv_mask_ids and block_masks must be given together")
+        if self.kv_mask_ids is not None:
+            ids, bm = self.kv_mask_ids, self.block_masks
+            if ids.shape != idx.shape or ids.dtype != torch.int32:
+                raise ValueError(
+                    f"kv_mask_ids must be int32 with the shape of kv_indices {tuple(idx.shape)}, "
+                    f"got {ids.dtype} {tuple(ids.shape)}"
+                )
+            if bm.ndim != 3 or bm.dtype != torch.bool or tuple(bm.shape[1:]) != (self.block_q, self.block_k):
+                raise ValueError(
+                    f"block_masks must be bool [P, {self.block_q}, {self.block_k}], got {bm.dtype} {tuple(bm.shape)}"
+                )
+        self._check_lengths()
+
+    def _check_lengths(self) -> None:
+        cnt, mk = self.kv_counts, self.num_kv_blocks
         if self.seq_q is not None and cdiv(self.seq_q, self.block_q) != cnt.shape[-1]:
             raise ValueError(
                 f"seq_q={self.seq_q} needs {cdiv(self.seq_q, self.block_q)} query blocks of {self.block_q}, "
@@ -265,6 +301,9 @@ class BlockSparseLayout:
                 f"seq_k={self.seq_k} needs {cdiv(self.seq_k, self.block_k)} key blocks of {self.block_k}, "
                 f"layout has num_kv_blocks={mk}"
             )
+
+    def _check_values(self) -> None:
+        idx, cnt, mk = self.kv_indices, self.kv_counts, self.num_kv_blocks
         if cnt.numel():
             if int(cnt.min()) < 0 or int(cnt.max()) > idx.shape[-1]:
                 raise ValueError(
@@ -286,19 +325,8 @@ class BlockSparseLayout:
                         "kv_indices rows must be strictly increasing (no duplicate blocks); "
                         "build layouts with BlockSparseLayout.from_block_mask"
                     )
-        if (self.kv_mask_ids is None) != (self.block_masks is None):
-            raise ValueError("kv_mask_ids and block_masks must be given together")
         if self.kv_mask_ids is not None:
             ids, bm = self.kv_mask_ids, self.block_masks
-            if ids.shape != idx.shape or ids.dtype != torch.int32:
-                raise ValueError(
-                    f"kv_mask_ids must be int32 with the shape of kv_indices {tuple(idx.shape)}, "
-                    f"got {ids.dtype} {tuple(ids.shape)}"
-                )
-            if bm.ndim != 3 or bm.dtype != torch.bool or tuple(bm.shape[1:]) != (self.block_q, self.block_k):
-                raise ValueError(
-                    f"block_masks must be bool [P, {self.block_q}, {self.block_k}], got {bm.dtype} {tuple(bm.shape)}"
-                )
             if ids.numel() and (int(ids.max()) >= bm.shape[0] or int(ids.min()) < -1):
                 raise ValueError(f"kv_mask_ids must lie in [-1, {bm.shape[0] - 1}]")
 
@@ -321,9 +349,21 @@ class BlockSparseLayout:
             )
 
 
-def _check_block(value: int, name: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 16 or value & (value - 1):
-        raise ValueError(f"{name} must be a power of two >= 16 (e.g. 64 or 128), got {value!r}")
+def _rows(mask: torch.Tensor, counts: torch.Tensor, kmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index rows of a block mask: its selected blocks first, in increasing order, -1 past the count."""
+    # A stable sort puts the selected blocks first, in increasing block order.
+    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[..., :kmax].to(torch.int32)
+    slot = torch.arange(kmax, device=mask.device, dtype=torch.int32)
+    indices = torch.where(slot < counts[..., None], order, torch.full_like(order, -1))
+    return indices.contiguous(), counts.contiguous()
+
+
+def check_block(value: int, name: str, maximum: int | None = None) -> None:
+    """Raise unless ``value`` is a power of two >= 16 (and <= ``maximum``): every kernel's tiles are."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 16 and not value & (value - 1)
+    if not ok or (maximum is not None and value > maximum):
+        span = ">= 16" if maximum is None else f"in 16..{maximum}"
+        raise ValueError(f"{name} must be a power of two {span} (e.g. 64 or 128), got {value!r}")
 
 
 def _shape(t: object) -> str:

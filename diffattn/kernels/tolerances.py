@@ -44,7 +44,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol, equal_nan=False)
 
 
-# Quantized attention (diffattn/kernels/quant_reference.py) vs fp32 masked attention: relative L2 error
+# Quantized attention (diffattn/kernels/quant.py) vs fp32 masked attention: relative L2 error
 # of the output, keyed by (qk_bits, pv_bits) and input kind. These are not rounding slack but the
 # documented accuracy of each scheme, measured on the test inputs (seeded) and given ~1.5x headroom:
 # "random" = i.i.d. Gaussian q, k, v (diffuse attention, the hard case for per-tile P scales);
@@ -57,10 +57,31 @@ QUANT_REL_L2 = {
     (4, 8): {"random": 0.32, "structured": 0.15},
 }
 
-# The quantized Triton kernel (diffattn/kernels/triton_quant.py) vs its plain-PyTorch online reference
-# (quant_reference.online_quantized_attention): both use the same int8 operands and form the scores in
-# the same order, so scores agree bitwise and OUTPUT_TOL / LSE_TOL (summation order) apply — except
-# that exp2 may differ by an ulp between implementations and move an entry of P across a rounding
-# boundary of its grid. Such a row moves by at most vmax / (2**pv_bits - 1) (one level, divided by the
-# row sum l >= 1); at most this fraction of rows may do so.
+# A quantized path vs its plain-PyTorch oracle (diffattn/kernels/naive_quant.py): the Triton kernel vs
+# online_quantized_attention (same int8 operands, scores formed in the same order), the "torch"
+# backend's quantized path vs naive_quantized_attention (same rounding grids, scores summed in another
+# order). OUTPUT_TOL / LSE_TOL (summation order) apply, except that a score or exp may differ by an
+# ulp and move an entry of P across a rounding boundary of its grid. Such a row moves by at most
+# vmax / (2**pv_bits - 1) (one level of a grid no finer than that, divided by the row sum l >= 1); at
+# most this fraction of rows may do so.
 QUANT_LEVEL_FLIP_ROWS = 0.01
+
+
+def assert_quant_close(o, ref_o, v, keep, pv_bits, lse=None, ref_lse=None):
+    """Quantized output ``o`` (and ``lse``, if given) vs its oracle under the policy above; ``keep`` is
+    the bool token mask ``[B|1, H|1, Nq, Nk]`` the attention used and ``v`` its values (which bound
+    how far a row may move)."""
+    atol, rtol = OUTPUT_TOL[o.dtype]
+    if lse is not None:
+        finite = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)), "rows without keys differ"
+        la, lr = LSE_TOL[torch.float32]
+        torch.testing.assert_close(lse[finite], ref_lse[finite], atol=la, rtol=lr)
+    err = ((o.float() - ref_o.float()).abs() - rtol * ref_o.float().abs()).amax(-1)
+    off = err > atol
+    assert off.float().mean() <= QUANT_LEVEL_FLIP_ROWS, f"{int(off.sum())} of {off.numel()} rows differ"
+    if off.any():
+        levels = 1 if pv_bits is None else 2**pv_bits - 1
+        keep = keep.expand(*o.shape[:2], -1, -1)
+        vmax = torch.where(keep, v.float().abs().amax(-1)[:, :, None, :], torch.zeros((), device=v.device)).amax(-1)
+        assert (err[off] <= vmax[off] / levels + atol).all(), "a row moved by more than one P level"

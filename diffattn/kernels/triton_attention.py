@@ -16,6 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._triton_blocks import (
+    key_block, layout_operands, layout_row, load_tile, mask_scores, online_softmax_step, program_bh, softmax_state,
+    store_output,
+)
 from ._tuning import LOG2E, autotune_configs, interpreting, prune, shared_memory_estimate, shared_memory_limit
 from .layout import BlockSparseLayout
 
@@ -73,16 +77,13 @@ def _block_sparse_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    b, h = program_bh(H)
     # A layout query block of SPLIT_M * BLOCK_M rows may be served by SPLIT_M programs.
     q_blk = pid_m // SPLIT_M
     sub = (pid_m % SPLIT_M) * BLOCK_M
 
     offs_i = tl.arange(0, BLOCK_M)
     offs_m = pid_m * BLOCK_M + offs_i
-    # Token index x row stride passes 2**31 on fused-QKV views of long videos: row offsets are int64.
     rows_m = offs_m.to(tl.int64)
     offs_j = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -95,73 +96,41 @@ def _block_sparse_fwd_kernel(
         d_ok = offs_d < D
         dv_ok = offs_dv < DV
 
+    # Loaded in place rather than through load_tile: that costs this kernel 2-3 registers (ptxas, sm_90a).
     q_ptrs = Q + b * stride_qb + h * stride_qh + rows_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
+    count, idx_base, mid_base = layout_row(
+        KV_IDX, KV_CNT, KV_MID, b, h, q_blk,
+        stride_ib, stride_ih, stride_im, stride_cb, stride_ch, stride_cm, stride_mb, stride_mh, stride_mm,
+    )
 
-    count = tl.load(KV_CNT + b * stride_cb + h * stride_ch + q_blk * stride_cm)
-    idx_base = KV_IDX + b * stride_ib + h * stride_ih + q_blk * stride_im
-    mid_base = KV_MID + b * stride_mb + h * stride_mh + q_blk * stride_mm
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-
+    m_i, l_i, acc = softmax_state(BLOCK_M, BLOCK_DV)
     for t in range(0, count):
-        kb = tl.load(idx_base + t * stride_ik)
-        offs_n = kb * BLOCK_N + offs_j
-        rows_n = offs_n.to(tl.int64)
-        col_ok = offs_n < N_K
-        kb_tile = tl.load(
-            k_base + rows_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-            mask=col_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
+        kb, rows_n, col_ok = key_block(idx_base, t, stride_ik, offs_j, N_K, BLOCK_N)
+        kb_tile = load_tile(k_base, rows_n, offs_d, stride_kn, stride_kd, col_ok, d_ok, 0.0)
         if UPCAST:
             kb_tile = kb_tile.to(tl.float32)
         s = tl.dot(q, tl.trans(kb_tile), input_precision=DOT_PRECISION) * qk_scale
-        # Only the block holding the key tail needs its columns masked.
-        if (kb + 1) * BLOCK_N > N_K:
-            s = tl.where(col_ok[None, :], s, float("-inf"))
-        if HAS_PARTIAL:
-            mid = tl.load(mid_base + t * stride_mk)
-            if mid >= 0:
-                keep = tl.load(
-                    BMASK + mid.to(tl.int64) * stride_pp
-                    + (sub + offs_i)[:, None] * stride_pi
-                    + offs_j[None, :] * stride_pj
-                )
-                s = tl.where(keep != 0, s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with every score masked so far keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-
-        vb = tl.load(
-            v_base + rows_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-            mask=col_ok[:, None] & dv_ok[None, :],
-            other=0.0,
+        s = mask_scores(
+            s, kb, t, col_ok, N_K, mid_base, stride_mk, BMASK, stride_pp, stride_pi, stride_pj, sub, offs_i, offs_j,
+            BLOCK_N, HAS_PARTIAL,
         )
+        p, alpha, l_i, m_new = online_softmax_step(s, m_i, l_i)
+        acc = acc * alpha[:, None]
+        vb = load_tile(v_base, rows_n, offs_dv, stride_vn, stride_vd, col_ok, dv_ok, 0.0)
         if UPCAST:
             vb = vb.to(tl.float32)
         acc = tl.dot(p.to(vb.dtype), vb, acc, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    has = l_i > 0.0
-    l_safe = tl.where(has, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-
-    o_ptrs = O + b * stride_ob + h * stride_oh + rows_m[:, None] * stride_on + offs_dv[None, :] * stride_od
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
-    tl.store(LSE + b * stride_lb + h * stride_lh + rows_m * stride_ln, lse, mask=row_ok)
+    store_output(
+        acc, m_i, l_i, O, LSE, b, h, rows_m, offs_dv, row_ok, dv_ok,
+        stride_ob, stride_oh, stride_on, stride_od, stride_lb, stride_lh, stride_ln,
+    )
 
 
 def _pick_block_m(block_q: int, block_k: int, block_d: int, block_dv: int, elem: int) -> int:
@@ -193,19 +162,10 @@ def _launch(
     nk, dv = k.shape[-2], v.shape[-1]
     bq, bk = layout.block_q, layout.block_k
     mq = layout.num_q_blocks
-    kmax = layout.max_kv
 
     o = torch.empty(b, h, nq, dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
-    # expand() gives stride 0 on size-1 batch/head dims: one pattern serves every head without copies.
-    idx = layout.kv_indices.expand(b, h, mq, kmax)
-    cnt = layout.kv_counts.expand(b, h, mq)
-    if layout.kv_mask_ids is not None:
-        mid = layout.kv_mask_ids.expand(b, h, mq, kmax)
-        bmask = layout.block_masks.view(torch.uint8)
-        has_partial = True
-    else:
-        mid, bmask, has_partial = idx, idx.new_zeros(1, 1, 1).view(torch.uint8), False
+    idx, cnt, mid, bmask, has_partial = layout_operands(layout, b, h)
 
     block_d = max(16, triton.next_power_of_2(d))
     block_dv = max(16, triton.next_power_of_2(dv))

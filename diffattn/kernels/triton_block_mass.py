@@ -15,8 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._triton_blocks import LOG2E_C, load_tile, program_bh
 from ._tuning import LOG2E, autotune_configs, interpreting, prune, shared_memory_estimate, shared_memory_limit
-from .layout import cdiv
+from .layout import cdiv, check_block
 
 __all__ = ["triton_block_mass"]
 
@@ -51,38 +52,27 @@ def _block_mass_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    b, h = program_bh(H)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    # Token index x row stride passes 2**31 on fused-QKV views of long videos: row offsets are int64.
     rows_m = offs_m.to(tl.int64)
     offs_j = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + rows_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-        mask=(offs_m[:, None] < N_Q) & d_ok[None, :],
-        other=0.0,
-    )
+    q = load_tile(Q + b * stride_qb + h * stride_qh, rows_m, offs_d, stride_qn, stride_qd, offs_m < N_Q, d_ok, 0.0)
     if UPCAST:
         q = q.to(tl.float32)
     lse = tl.load(LSE + b * stride_lb + h * stride_lh + rows_m * stride_ln, mask=offs_m < N_Q, other=float("-inf"))
     # -inf rows (and the query tail) are dropped below; shift them by 0 so no inf - inf appears.
     row_ok = lse > float("-inf")
-    lse2 = tl.where(row_ok, lse * 1.4426950408889634, 0.0)
+    lse2 = tl.where(row_ok, lse * LOG2E_C, 0.0)
 
     k_base = K + b * stride_kb + h * stride_kh
     out_base = OUT + b * stride_ob + h * stride_oh + pid_m.to(tl.int64) * stride_om
     for j in range(0, M_K):
         offs_n = j * BLOCK_N + offs_j
         col_ok = offs_n < N_K
-        kt = tl.load(
-            k_base + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-            mask=col_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
+        kt = load_tile(k_base, offs_n.to(tl.int64), offs_d, stride_kn, stride_kd, col_ok, d_ok, 0.0)
         if UPCAST:
             kt = kt.to(tl.float32)
         s = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION) * qk_scale - lse2[:, None]
@@ -131,8 +121,7 @@ def triton_block_mass(
     Returns:
         float32 ``[B, H, ceil(Nq/block_q), ceil(Nk/block_k)]``.
     """
-    for name, value in (("block_q", block_q), ("block_k", block_k)):
-        if not isinstance(value, int) or value < 16 or value > _MAX_TILE or value & (value - 1):
-            raise ValueError(f"{name} must be a power of two in 16..{_MAX_TILE}, got {value!r}")
+    check_block(block_q, "block_q", _MAX_TILE)
+    check_block(block_k, "block_k", _MAX_TILE)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return _launch(q, k, lse, block_q, block_k, scale)

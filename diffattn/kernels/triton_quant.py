@@ -1,9 +1,9 @@
 """Block-sparse flash attention with integer Q·Kᵀ and online-quantized P, in Triton.
 
 The scheme and its error bound are those of
-:func:`diffattn.kernels.quant_reference.online_quantized_attention`, which this kernel reproduces:
+:func:`diffattn.kernels.naive_quant.online_quantized_attention`, which this kernel reproduces:
 a host pre-pass smooths the keys and quantizes q per query block and k per key block to int8
-(:func:`~diffattn.kernels.quant_reference.quantize_qk_for_kernel`); the kernel multiplies the int8 tiles
+(:func:`~diffattn.kernels.quant.quantize_qk_for_kernel`); the kernel multiplies the int8 tiles
 with int32 accumulation, dequantizes with the per-row and per-key scale product (``log2(e)`` and the
 softmax scale folded in), and runs the online softmax in base 2. P = ``exp2(s - m_running)`` lies in
 ``[0, 1]``, so it is rounded on the fixed unsigned grid ``1/(2**pv_bits - 1)``; the integer-valued P
@@ -20,9 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tuning import LOG2E, autotune_configs, interpreting, prune, shared_memory_estimate, shared_memory_limit
+from ._triton_blocks import (
+    key_block, layout_operands, layout_row, load_tile, mask_scores, online_softmax_step, program_bh, softmax_state,
+    store_output,
+)
+from ._tuning import autotune_configs, interpreting, prune, shared_memory_estimate, shared_memory_limit
 from .layout import BlockSparseLayout
-from .quant_reference import quantize_qk_for_kernel
+from .quant import quantize_qk_for_kernel
 
 __all__ = ["triton_quantized_block_sparse_attention"]
 
@@ -75,13 +79,10 @@ def _quant_block_sparse_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    b, h = program_bh(H)
 
     offs_i = tl.arange(0, BLOCK_M)
     offs_m = pid_m * BLOCK_M + offs_i
-    # Token index x row stride passes 2**31 on fused-QKV views of long videos: row offsets are int64.
     rows_m = offs_m.to(tl.int64)
     offs_j = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -90,61 +91,31 @@ def _quant_block_sparse_fwd_kernel(
     d_ok = offs_d < D
     dv_ok = offs_dv < DV
 
-    qi = tl.load(
-        QI + b * stride_qb + h * stride_qh + rows_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-        mask=row_ok[:, None] & d_ok[None, :],
-        other=0,
-    )
+    qi = load_tile(QI + b * stride_qb + h * stride_qh, rows_m, offs_d, stride_qn, stride_qd, row_ok, d_ok, 0)
     row_f = tl.load(ROWF + b * stride_rb + h * stride_rh + rows_m * stride_rn, mask=row_ok, other=0.0)
     k_base = KI + b * stride_kb + h * stride_kh
     ks_base = KSC + b * stride_sb + h * stride_sh
     v_base = V + b * stride_vb + h * stride_vh
+    count, idx_base, mid_base = layout_row(
+        KV_IDX, KV_CNT, KV_MID, b, h, pid_m,
+        stride_ib, stride_ih, stride_im, stride_cb, stride_ch, stride_cm, stride_mb, stride_mh, stride_mm,
+    )
 
-    count = tl.load(KV_CNT + b * stride_cb + h * stride_ch + pid_m * stride_cm)
-    idx_base = KV_IDX + b * stride_ib + h * stride_ih + pid_m * stride_im
-    mid_base = KV_MID + b * stride_mb + h * stride_mh + pid_m * stride_mm
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-
+    m_i, l_i, acc = softmax_state(BLOCK_M, BLOCK_DV)
     for t in range(0, count):
-        kb = tl.load(idx_base + t * stride_ik)
-        offs_n = kb * BLOCK_N + offs_j
-        rows_n = offs_n.to(tl.int64)
-        col_ok = offs_n < N_K
-        ki = tl.load(
-            k_base + rows_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-            mask=col_ok[:, None] & d_ok[None, :],
-            other=0,
-        )
+        kb, rows_n, col_ok = key_block(idx_base, t, stride_ik, offs_j, N_K, BLOCK_N)
+        ki = load_tile(k_base, rows_n, offs_d, stride_kn, stride_kd, col_ok, d_ok, 0)
         k_sc = tl.load(ks_base + rows_n * stride_sn, mask=col_ok, other=0.0)
         s_int = tl.dot(qi, tl.trans(ki), out_dtype=tl.int32)
         # Same multiplication order as the reference: the integer product is exact, so s matches bitwise.
         s = (s_int.to(tl.float32) * row_f[:, None]) * k_sc[None, :]
-        if (kb + 1) * BLOCK_N > N_K:
-            s = tl.where(col_ok[None, :], s, float("-inf"))
-        if HAS_PARTIAL:
-            mid = tl.load(mid_base + t * stride_mk)
-            if mid >= 0:
-                keep = tl.load(
-                    BMASK + mid.to(tl.int64) * stride_pp + offs_i[:, None] * stride_pi + offs_j[None, :] * stride_pj
-                )
-                s = tl.where(keep != 0, s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # Rows with every score masked so far keep m = -inf; shift by 0 so exp2 gives 0, not NaN.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-
-        vb = tl.load(
-            v_base + rows_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-            mask=col_ok[:, None] & dv_ok[None, :],
-            other=0.0,
+        s = mask_scores(
+            s, kb, t, col_ok, N_K, mid_base, stride_mk, BMASK, stride_pp, stride_pi, stride_pj, 0, offs_i, offs_j,
+            BLOCK_N, HAS_PARTIAL,
         )
+        p, alpha, l_i, m_i = online_softmax_step(s, m_i, l_i)
+        acc = acc * alpha[:, None]
+        vb = load_tile(v_base, rows_n, offs_dv, stride_vn, stride_vd, col_ok, dv_ok, 0.0)
         if UPCAST:
             vb = vb.to(tl.float32)
         if P_LEVELS > 0:
@@ -157,35 +128,23 @@ def _quant_block_sparse_fwd_kernel(
             acc += tl.dot(p_lvl.to(vb.dtype), vb, input_precision=DOT_PRECISION) * (1.0 / P_LEVELS)
         else:
             acc = tl.dot(p.to(vb.dtype), vb, acc, input_precision=DOT_PRECISION)
-        m_i = m_new
 
-    has = l_i > 0.0
-    l_safe = tl.where(has, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    o_ptrs = O + b * stride_ob + h * stride_oh + rows_m[:, None] * stride_on + offs_dv[None, :] * stride_od
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
-    tl.store(LSE + b * stride_lb + h * stride_lh + rows_m * stride_ln, lse, mask=row_ok)
+    store_output(
+        acc, m_i, l_i, O, LSE, b, h, rows_m, offs_dv, row_ok, dv_ok,
+        stride_ob, stride_oh, stride_on, stride_od, stride_lb, stride_lh, stride_ln,
+    )
 
 
 def _launch(q, k, v, layout: BlockSparseLayout, scale: float, qk_bits: int, pv_bits: int | None):
     b, h, nq, d = q.shape
     nk, dv = k.shape[-2], v.shape[-1]
     bq, bk = layout.block_q, layout.block_k
-    mq, kmax = layout.num_q_blocks, layout.max_kv
+    mq = layout.num_q_blocks
     qi, ki, row_f, k_sc, shift = quantize_qk_for_kernel(q, k, bq, bk, qk_bits, scale)
 
     o = torch.empty(b, h, nq, dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
-    # expand() gives stride 0 on size-1 batch/head dims: one pattern serves every head without copies.
-    idx = layout.kv_indices.expand(b, h, mq, kmax)
-    cnt = layout.kv_counts.expand(b, h, mq)
-    if layout.kv_mask_ids is not None:
-        mid = layout.kv_mask_ids.expand(b, h, mq, kmax)
-        bmask = layout.block_masks.view(torch.uint8)
-        has_partial = True
-    else:
-        mid, bmask, has_partial = idx, idx.new_zeros(1, 1, 1).view(torch.uint8), False
+    idx, cnt, mid, bmask, has_partial = layout_operands(layout, b, h)
 
     # int8 MMA consumes 32-deep K slices.
     block_d = max(32, triton.next_power_of_2(d))
@@ -225,7 +184,7 @@ def triton_quantized_block_sparse_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention with INT8 (or INT4-valued) Q·Kᵀ and P rounded online to ``pv_bits``.
 
-    Computes :func:`diffattn.kernels.quant_reference.online_quantized_attention` (semantics and error
+    Computes :func:`diffattn.kernels.naive_quant.online_quantized_attention` (semantics and error
     bound in its docstring).
 
     Args:

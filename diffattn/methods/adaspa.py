@@ -31,7 +31,7 @@ from ..kernels import BlockSparseLayout, block_mass
 from ..patterns import check_block_size
 from ..patterns.adaspa import plan_adaspa
 from .base import DEFAULTS, AttnContext, Drawing, MethodConfig, Variant, register_method
-from .sparse import Backend, VideoSparseMethod, kernel_attention, dense_layout, layout_density
+from .sparse import Backend, VideoSparseMethod, kernel_attention, dense_layout
 
 __all__ = ["AdaSpaConfig", "AdaSpaMethod", "AdaSpaState"]
 
@@ -191,7 +191,7 @@ class AdaSpaMethod(VideoSparseMethod):
         )
         n = q.shape[2]
         e.layout = BlockSparseLayout.from_block_mask(mask, bs, bs, n, n)
-        e.density = layout_density(e.layout)
+        e.density = e.layout.density
         e.recall = float(info["recall"].mean())
         e.head_sparsity = info["sparsity"]
         e.searched_at = ctx.step

@@ -24,7 +24,7 @@ import torch
 from ..patterns import check_block_size
 from ..patterns import neighborhood as na
 from .base import DEFAULTS, Drawing, MethodConfig, Variant, register_method
-from .sparse import Backend, VideoSparseMethod, check_warmup, kernel_attention, layout_density, warmup_layers_and_steps
+from .sparse import Backend, VideoSparseMethod, check_warmup, kernel_attention, warmup_layers_and_steps
 
 __all__ = ["GNAConfig", "GNAMethod"]
 
@@ -122,7 +122,7 @@ class GNAMethod(VideoSparseMethod):
         # Padding to whole tiles can make the visited blocks outnumber dense attention's on tiny grids, so
         # the layout's own density (<= 1) is reported, with the work relative to dense alongside.
         ctx.record(
-            density=layout_density(plan.layout),
+            density=plan.layout.density,
             token_density=st["token_density"],
             work_vs_dense=st["block_density"],
             search=False,

@@ -6,7 +6,7 @@ Schedule (steps of a 50-step run, scaled to the run's ``num_steps``): dense befo
 and :func:`diffattn.patterns.paro.calibrate_paro` picks every head's axis order and block mask; until
 the next calibration step those are used. The default ``(5, 25)`` gives the first and second halves
 of the run separate masks, as the paper does. Video tokens are permuted per head into the chosen
-order, attended block-sparsely (or through the quantized reference when ``qk_bits``/``pv_bits`` are
+order, attended block-sparsely (quantized when ``qk_bits``/``pv_bits`` are
 set), and permuted back — exactly. Text tokens are handled by :class:`VideoSparseMethod`.
 
 Calibration is keyed by (layer, branch, phase) and depends only on the latent grid, head count and
@@ -37,13 +37,11 @@ from typing import Any
 
 import torch
 
-from ..kernels import BlockSparseLayout
-from ..kernels.api import resolve_backend
-from ..kernels.quant_reference import quantized_block_sparse_attention
+from ..kernels import BlockSparseLayout, block_sparse_attention
 from ..patterns import check_block_size
 from ..patterns.paro import AXIS_ORDERS, calibrate_paro, head_permutations, inverse_permutation, permute_heads
 from .base import DEFAULTS, AttnContext, Drawing, MethodConfig, Variant, register_method
-from .sparse import Backend, VideoSparseMethod, kernel_attention, layout_density
+from .sparse import Backend, VideoSparseMethod, kernel_attention
 
 __all__ = ["PAROConfig", "PAROMethod", "PAROState"]
 
@@ -72,7 +70,7 @@ class PAROConfig(MethodConfig):
         pv_bits: 8 or 4 for P quantized in ``block x block`` tiles for P·V, None for the input
             precision. Paper: 8 (INT4 as the aggressive setting). With ``qk_bits`` set, the Triton
             backend rounds P online against the running row max
-            (``quant_reference.online_quantized_attention``), the others against the final row max;
+            (``naive_quant.online_quantized_attention``), the others against the final row max;
             both stay within their documented error bounds.
         calibration: path of a file written by ``PAROMethod.save_calibration``; when set, no
             calibration runs and a missing or incompatible entry is an error. Default None.
@@ -107,6 +105,13 @@ class PAROConfig(MethodConfig):
             raise ValueError(f"PAROConfig.qk_bits must be 8, 4 or None, got {self.qk_bits}")
         if self.pv_bits not in (None, 4, 8):
             raise ValueError(f"PAROConfig.pv_bits must be 8, 4 or None, got {self.pv_bits}")
+        quantized = self.qk_bits is not None or self.pv_bits is not None
+        if quantized and self.backend == "flex":
+            raise ValueError("PAROConfig.backend='flex' has no quantized path; use 'auto', 'triton' or 'torch'")
+        if self.backend == "triton" and self.qk_bits is None and self.pv_bits is not None:
+            raise ValueError(
+                "PAROConfig.backend='triton' quantizes P only together with Q·Kᵀ: set qk_bits=8 or use 'torch'"
+            )
         check_block_size(self.block_size, "PAROConfig.block_size")
 
 
@@ -231,15 +236,11 @@ class PAROMethod(VideoSparseMethod):
         qp, kp, vp = (permute_heads(t, perms) for t in (q, k, v))
         if cfg.qk_bits is None and cfg.pv_bits is None:
             op, lsep = kernel_attention(qp, kp, vp, layout, ctx.scale, cfg.backend)
-        elif cfg.qk_bits is not None and resolve_backend(cfg.backend, q.device) == "triton":
-            from ..kernels.triton_quant import triton_quantized_block_sparse_attention
-
-            op, lsep = triton_quantized_block_sparse_attention(
-                qp, kp, vp, layout, ctx.scale, cfg.qk_bits, cfg.pv_bits
-            )
         else:
-            op, lsep = quantized_block_sparse_attention(qp, kp, vp, layout, ctx.scale, cfg.qk_bits, cfg.pv_bits)
-        ctx.record(density=layout_density(layout), search=False, cache_hit=True)
+            op, lsep = block_sparse_attention(
+                qp, kp, vp, layout, ctx.scale, backend=cfg.backend, qk_bits=cfg.qk_bits, pv_bits=cfg.pv_bits
+            )
+        ctx.record(density=layout.density, search=False, cache_hit=True)
         return permute_heads(op, inv), permute_heads(lsep, inv)
 
     def _calibrate(self, q, k, v, ctx, key, grid):

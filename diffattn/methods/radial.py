@@ -21,7 +21,7 @@ import torch
 from ..patterns import check_block_size
 from ..patterns import radial as radial_pattern
 from .base import DEFAULTS, Drawing, MethodConfig, Variant, register_method
-from .sparse import Backend, VideoSparseMethod, check_warmup, kernel_attention, layout_density, warmup_layers_and_steps
+from .sparse import Backend, VideoSparseMethod, check_warmup, kernel_attention, warmup_layers_and_steps
 
 __all__ = ["RadialConfig", "RadialMethod"]
 
@@ -112,5 +112,5 @@ class RadialMethod(VideoSparseMethod):
         hits = radial_pattern.layout_cache_hits()
         layout = self.layout(ctx.grid, q.device)
         o, lse = kernel_attention(q, k, v, layout, ctx.scale, self.config.backend)
-        ctx.record(density=layout_density(layout), search=False, cache_hit=radial_pattern.layout_cache_hits() > hits)
+        ctx.record(density=layout.density, search=False, cache_hit=radial_pattern.layout_cache_hits() > hits)
         return o, lse

@@ -22,8 +22,9 @@ from .base import DEFAULTS, AttentionMethod, AttnContext, MethodConfig, register
 
 __all__ = [
     "DenseConfig", "DenseMethod", "KernelCall", "VideoSparseMethod", "capture_kernel_calls", "kernel_attention",
-    "dense_layout", "layout_density",
+    "dense_layout",
 ]
+
 
 class KernelCall(NamedTuple):
     """One block-sparse kernel call a method made: the exact (possibly permuted) inputs and layout."""
@@ -116,16 +117,6 @@ def dense_layout(nq: int, nk: int, block: int, device: torch.device) -> BlockSpa
             _DENSE_LAYOUTS.clear()
         layout = _DENSE_LAYOUTS[key] = BlockSparseLayout.dense(1, 1, nq, nk, block, block, device=device)
     return layout
-
-
-def layout_density(layout: BlockSparseLayout) -> float:
-    """``layout.density``, read from the device once per layout object and kept on it: layouts that are
-    reused across calls then add no host synchronisation to the stats rows."""
-    d = layout.__dict__.get("_planned_density")
-    if d is None:
-        d = layout.density
-        object.__setattr__(layout, "_planned_density", d)
-    return d
 
 
 _PADDING_LAYOUTS: dict[tuple, tuple[torch.Tensor, BlockSparseLayout]] = {}

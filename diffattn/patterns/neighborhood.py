@@ -47,6 +47,7 @@ __all__ = [
     "PRESETS",
     "GNAPlan",
     "axis_neighborhood",
+    "neighborhood_mask_mod",
     "neighborhood_token_mask",
     "check_na_args",
     "fit_to_grid",
@@ -121,10 +122,11 @@ def fit_to_grid(shape, kernel_size, stride=1, dilation=1, is_causal=False):
     return kk, ss, dd, c
 
 
-def axis_neighborhood(length: int, kernel_size: int, stride: int = 1, dilation: int = 1, is_causal: bool = False):
-    """Bool ``[length, length]``: entry ``[x, y]`` says whether query ``x`` sees key ``y`` on one axis."""
+def _axis_window(length: int, kernel_size: int, stride: int, dilation: int, is_causal: bool, device=None):
+    """Per position ``x`` of one axis: its dilation group, its in-group index and the in-group key
+    range ``[start, end)`` its window covers (the rule of the module docstring), each int64 ``[length]``."""
     L, k, s, d = length, kernel_size, stride, dilation
-    x = torch.arange(L)
+    x = torch.arange(L, device=device)
     g, xi = x % d, x // d
     group_len = (L - g + d - 1) // d
     if is_causal:
@@ -137,19 +139,42 @@ def axis_neighborhood(length: int, kernel_size: int, stride: int = 1, dilation: 
         centre = torch.maximum(torch.minimum(leader, group_len - 1 - right), torch.full_like(leader, left))
         start = centre - left
         end = start + k
+    return g, xi, start, end
+
+
+def axis_neighborhood(length: int, kernel_size: int, stride: int = 1, dilation: int = 1, is_causal: bool = False):
+    """Bool ``[length, length]``: entry ``[x, y]`` says whether query ``x`` sees key ``y`` on one axis."""
+    g, xi, start, end = _axis_window(length, kernel_size, stride, dilation, is_causal)
     yi = xi[None, :]
     return (g[:, None] == g[None, :]) & (yi >= start[:, None]) & (yi < end[:, None])
 
 
-def neighborhood_token_mask(shape, kernel_size, stride=1, dilation=1, is_causal=False) -> torch.Tensor:
-    """Token-level NA mask ``[N, N]`` in row-major grid order (small shapes: tests and plots)."""
+def neighborhood_mask_mod(shape, kernel_size, stride=1, dilation=1, is_causal=False, device=None):
+    """The NA rule as a pointwise ``mask_mod(b, h, q_idx, kv_idx)`` over row-major grid indices (the
+    FlexAttention / attention-gym form): True where query ``q_idx`` sees key ``kv_idx``. Tensor
+    arguments broadcast; only table lookups, so it traces under ``vmap`` and ``torch.compile``."""
     shape, k, s, d, c = check_na_args(shape, kernel_size, stride, dilation, is_causal)
-    coords = torch.stack(torch.meshgrid(*[torch.arange(L) for L in shape], indexing="ij"), -1).reshape(-1, len(shape))
-    mask = torch.ones(coords.shape[0], coords.shape[0], dtype=torch.bool)
-    for a, L in enumerate(shape):
-        m = axis_neighborhood(L, k[a], s[a], d[a], c[a])
-        mask &= m[coords[:, a][:, None], coords[:, a][None, :]]
-    return mask
+    tables = [_axis_window(L, k[a], s[a], d[a], c[a], device) for a, L in enumerate(shape)]
+    pitch = [math.prod(shape[a + 1 :]) for a in range(len(shape))]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = None
+        for (g, xi, start, end), L, step in zip(tables, shape, pitch):
+            x, y = (q_idx // step) % L, (kv_idx // step) % L
+            axis = (g[x] == g[y]) & (xi[y] >= start[x]) & (xi[y] < end[x])
+            keep = axis if keep is None else keep & axis
+        return keep
+
+    return mask_mod
+
+
+def neighborhood_token_mask(shape, kernel_size, stride=1, dilation=1, is_causal=False) -> torch.Tensor:
+    """Token-level NA mask ``[N, N]`` in row-major grid order, from :func:`neighborhood_mask_mod`
+    (small shapes: tests and plots)."""
+    mod = neighborhood_mask_mod(shape, kernel_size, stride, dilation, is_causal)
+    n = math.prod(check_na_args(shape, kernel_size, stride, dilation, is_causal)[0])
+    idx = torch.arange(n)
+    return mod(0, 0, idx[:, None], idx[None, :])
 
 
 # ---------------------------------------------------------------------------------------------- tiling
@@ -408,11 +433,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         panels.append((f"token mask, grid order, k={k} s={s} d={d}", neighborhood_token_mask(a.shape, k, s, d, c)))
     if a.query:
         q = tuple(a.query)
-        coords = torch.stack(torch.meshgrid(*[torch.arange(L) for L in a.shape], indexing="ij"), -1)
-        keep = torch.ones(a.shape, dtype=torch.bool)
-        for ax in range(nd):
-            m = axis_neighborhood(a.shape[ax], k[ax], s[ax], d[ax], c[ax])
-            keep &= m[q[ax]][coords[..., ax]]
+        flat = sum(x * math.prod(a.shape[ax + 1 :]) for ax, x in enumerate(q))
+        keep = neighborhood_mask_mod(a.shape, k, s, d, c)(0, 0, torch.tensor(flat), torch.arange(n)).view(a.shape)
         # Frames side by side: rows are H, columns run over W within each frame, frame after frame.
         grid2d = keep[None] if nd == 1 else keep if nd == 2 else keep.permute(1, 0, 2).reshape(a.shape[1], -1)
         panels.append((f"keys of query {q} (frames side by side)", grid2d))

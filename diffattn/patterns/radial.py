@@ -51,6 +51,7 @@ from . import check_block_size
 
 __all__ = [
     "radial_frame_rule",
+    "radial_mask_mod",
     "radial_token_mask",
     "radial_block_mask",
     "radial_layout",
@@ -98,6 +99,31 @@ def radial_frame_rule(
     return torch.tensor(window, dtype=torch.int64), torch.tensor(kept, dtype=torch.bool)
 
 
+def radial_mask_mod(
+    frames: int,
+    tokens_per_frame: int,
+    decay_factor: float,
+    pattern_block: int = 128,
+    attention_sink: bool = False,
+    device=None,
+):
+    """The token rule (before the block shrink) as a pointwise ``mask_mod(b, h, q_idx, kv_idx)`` over
+    video token indices (the FlexAttention / attention-gym form). Tensor arguments broadcast; only
+    table lookups, so it traces under ``vmap`` and ``torch.compile``."""
+    window, kept = radial_frame_rule(frames, tokens_per_frame, decay_factor, pattern_block)
+    window, kept = window.to(device), kept.to(device)
+    p = tokens_per_frame
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        dist = (q_idx // p - kv_idx // p).abs()
+        keep = ((kv_idx % p - q_idx % p).abs() <= window[dist]) & kept[dist]
+        if attention_sink:
+            keep = keep | (kv_idx < p)
+        return keep
+
+    return mask_mod
+
+
 def radial_token_mask(
     frames: int,
     tokens_per_frame: int,
@@ -105,20 +131,11 @@ def radial_token_mask(
     pattern_block: int = 128,
     attention_sink: bool = False,
 ) -> torch.Tensor:
-    """Token-level radial mask among video tokens, bool ``[N, N]`` with ``N = frames * tokens_per_frame``.
-
-    This is the rule before the block shrink (for tests and plots: it is ``N x N``).
-    """
-    window, kept = radial_frame_rule(frames, tokens_per_frame, decay_factor, pattern_block)
-    n = frames * tokens_per_frame
-    idx = torch.arange(n)
-    f, r = idx // tokens_per_frame, idx % tokens_per_frame
-    dist = (f[:, None] - f[None, :]).abs()
-    band = (r[None, :] - r[:, None]).abs() <= window[dist]
-    mask = band & kept[dist]
-    if attention_sink:
-        mask |= (f == 0)[None, :]
-    return mask
+    """Token-level radial mask among video tokens, bool ``[N, N]`` with ``N = frames * tokens_per_frame``,
+    from :func:`radial_mask_mod` (for tests and plots: it is ``N x N``)."""
+    mod = radial_mask_mod(frames, tokens_per_frame, decay_factor, pattern_block, attention_sink)
+    idx = torch.arange(frames * tokens_per_frame)
+    return mod(0, 0, idx[:, None], idx[None, :])
 
 
 def _frame_blocks(frames: int, p: int, b: int, nb: int, num_blocks: int, official_truncation: bool):

@@ -1,75 +1,27 @@
-"""Plain-PyTorch attention: the references every kernel is tested against, and the CPU path.
+"""The plain-PyTorch backend: what the ``"torch"`` backend runs besides the C++ kernel, and the exact
+LSE merge. The test oracles live apart, in :mod:`diffattn.kernels.naive`.
 
-* :func:`dense_masked_attention` materialises the full ``Nq x Nk`` score matrix in fp32 — the
-  independent reference used by tests (small shapes only).
 * :func:`gathered_block_attention` gathers only the listed key blocks, one chunk of query blocks at a
   time, so memory stays bounded for long sequences — the ``"torch"`` backend on CUDA, and on CPU where
   the C++ kernel of :mod:`diffattn.kernels.cpu` cannot be built.
 * :func:`masked_cpu_attention` runs PyTorch's fused CPU attention under the layout's token mask — the
   ``"torch"`` backend's shortcut for problems small enough to hold the whole mask.
 * :func:`merge_attention` combines two partial attentions exactly through their LSEs.
-* :func:`block_mass_reference` sums ``exp(s - lse)`` over every (query block, key block) tile.
+* :func:`block_mass_torch` sums ``exp(s - lse)`` over every (query block, key block) tile, chunked.
 """
 
 from __future__ import annotations
 
-import math
 import weakref
 
 import torch
 
 from .layout import BlockSparseLayout, cdiv
 
-__all__ = [
-    "dense_masked_attention",
-    "gathered_block_attention",
-    "masked_cpu_attention",
-    "merge_attention",
-    "block_mass_reference",
-    "softmax_with_lse",
-]
+__all__ = ["gathered_block_attention", "masked_cpu_attention", "merge_attention", "block_mass_torch", "pad_rows"]
 
 # Budget for one chunk's score tensor in the gathered path (elements, fp32).
 _CHUNK_ELEMENTS = 1 << 25
-
-
-def softmax_with_lse(scores: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row softmax of fp32 ``scores`` with an optional boolean keep-mask.
-
-    Rows with nothing kept give probabilities 0 and ``lse = -inf`` (never NaN).
-    """
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    probs = torch.exp(scores - safe[..., None])
-    if mask is not None:
-        probs = probs.masked_fill(~mask, 0.0)
-    return probs, lse
-
-
-def dense_masked_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layout: BlockSparseLayout | None = None,
-    scale: float | None = None,
-    token_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference attention with the layout's exact token mask, computed densely in fp32.
-
-    Returns ``o`` in q's dtype ``[B, H, Nq, Dv]`` and ``lse`` float32 ``[B, H, Nq]``.
-    """
-    nq, nk = q.shape[-2], k.shape[-2]
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    mask = token_mask
-    if layout is not None:
-        lm = layout.to_token_mask(nq, nk)
-        mask = lm if mask is None else (mask & lm)
-    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    p, lse = softmax_with_lse(s, mask)
-    o = torch.matmul(p, v.float())
-    return o.to(q.dtype), lse
 
 
 def gathered_block_attention(
@@ -92,9 +44,9 @@ def gathered_block_attention(
     scale = d**-0.5 if scale is None else scale
     dev = q.device
 
-    qp = _pad_rows(q.float(), mq * bq).view(b, h, mq, bq, d)
-    kp = _pad_rows(k.float(), mk * bk).view(b, h, mk, bk, d)
-    vp = _pad_rows(v.float(), mk * bk).view(b, h, mk, bk, dv)
+    qp = pad_rows(q.float(), mq * bq).view(b, h, mq, bq, d)
+    kp = pad_rows(k.float(), mk * bk).view(b, h, mk, bk, d)
+    vp = pad_rows(v.float(), mk * bk).view(b, h, mk, bk, dv)
     key_valid = (torch.arange(mk * bk, device=dev) < nk).view(mk, bk)
 
     kmax = layout.max_kv
@@ -137,7 +89,8 @@ def gathered_block_attention(
     return o.to(q.dtype), lse_out.view(b, h, mq * bq)[:, :, :nq].contiguous()
 
 
-# Additive masks per layout (built once: the mask expansion costs about half an attention call).
+# Additive masks cached per layout and shape: expanding one costs about half an attention call, and a
+# planned layout serves many calls.
 _bias_cache: "weakref.WeakKeyDictionary[BlockSparseLayout, dict]" = weakref.WeakKeyDictionary()
 
 
@@ -148,8 +101,7 @@ def _additive_mask(layout: BlockSparseLayout, nq: int, nk: int, dtype: torch.dty
         keep = layout.to(device).to_token_mask(nq, nk)  # [LB, LH, Nq, Nk]
         bias = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, float("-inf"))
         per_layout.clear()  # one shape per layout is the common case; keep memory bounded
-        empty = ~keep.any(-1)
-        per_layout[key] = (bias, empty if bool(empty.any()) else None)
+        per_layout[key] = (bias, ~keep.any(-1))
     return per_layout[key]
 
 
@@ -170,10 +122,10 @@ def masked_cpu_attention(
     nq, nk = q.shape[-2], k.shape[-2]
     bias, empty = _additive_mask(layout, nq, nk, q.dtype, q.device)
     o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scale)
-    lse = lse.float()
-    if empty is not None:  # rows with nothing kept: zeros and -inf, as every backend returns
-        o = o.masked_fill(empty[..., None], 0.0)
-        lse = lse.masked_fill(empty, float("-inf"))
+    # Rows with nothing kept come out NaN: zeros and -inf, as every backend returns. Filling always is
+    # cheaper than asking the device whether such rows exist.
+    o = o.masked_fill(empty[..., None], 0.0)
+    lse = lse.float().masked_fill(empty, float("-inf"))
     return o, lse
 
 
@@ -198,7 +150,7 @@ def merge_attention(
     return o.to(o1.dtype), lse
 
 
-def block_mass_reference(
+def block_mass_torch(
     q: torch.Tensor,
     k: torch.Tensor,
     lse: torch.Tensor,
@@ -216,7 +168,7 @@ def block_mass_reference(
     scale = d**-0.5 if scale is None else scale
     mq, mk = cdiv(nq, block_q), cdiv(nk, block_k)
     out = torch.zeros(b, h, mq, mk, dtype=torch.float32, device=q.device)
-    kf = _pad_rows(k.float(), mk * block_k)
+    kf = pad_rows(k.float(), mk * block_k)
     rows = max(block_q, (_CHUNK_ELEMENTS // max(b * h * mk * block_k, 1)) // block_q * block_q)
     for r0 in range(0, nq, rows):
         r1 = min(nq, r0 + rows)
@@ -224,24 +176,15 @@ def block_mass_reference(
         l = lse[:, :, r0:r1].float()
         p = torch.where(torch.isfinite(l)[..., None], torch.exp(s - l[..., None]), torch.zeros_like(s))
         p[..., nk:] = 0.0
-        p = _pad_rows(p, cdiv(r1 - r0, block_q) * block_q)
+        p = pad_rows(p, cdiv(r1 - r0, block_q) * block_q)
         blocks = p.view(b, h, -1, block_q, mk, block_k).sum(dim=(3, 5))
         out[:, :, r0 // block_q : r0 // block_q + blocks.shape[2]] = blocks
     return out
 
 
-def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     n = x.shape[-2]
     if n == rows:
         return x
     pad = x.new_zeros(*x.shape[:-2], rows - n, x.shape[-1])
     return torch.cat([x, pad], dim=-2)
-
-
-def attention_flops(b: int, h: int, nq: int, nk: int, d: int, density: float = 1.0) -> float:
-    """Forward FLOPs of attention: two matmuls of ``2*Nq*Nk*D`` each, scaled by density."""
-    return 4.0 * b * h * nq * nk * d * density
-
-
-def default_scale(d: int) -> float:
-    return 1.0 / math.sqrt(d)
