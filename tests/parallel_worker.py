@@ -71,14 +71,10 @@ def schedule(model, kw):
 def uneven_heads(kw) -> str:
     """Three heads cannot be split over two ranks: the forward must raise (on every rank, before any
     exchange), not run something else."""
-    from diffusers import ContextParallelConfig, WanTransformer3DModel
+    from diffusers import ContextParallelConfig
 
     torch.manual_seed(0)
-    model = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=3, attention_head_dim=16, in_channels=4, out_channels=4,
-        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=1, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
-    ).eval()
+    model = T.wan_model(heads=3, layers=1).eval()
     diffattn.apply(model, "radial", min_tokens=0, block_size=16, backend="torch")
     model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
     try:

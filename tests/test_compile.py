@@ -134,12 +134,18 @@ def test_fullgraph_compile_matches_eager_other_families(family, method):
     assert any(r["density"] < 1.0 for r in rows)
 
 
-def test_inductor_compile_matches_eager():
+def _eager_adaspa_wan():
+    """Inputs, the eager AdaSpa Wan model and its three-step cond-only schedule: the reference of the
+    compiled runs below."""
     kw = T.inputs("wan", GRID, batch=1)
-    fields = METHODS["adaspa"]
     eager = T.build("wan")
-    diffattn.apply(eager, "adaspa", min_tokens=0, **fields)
-    ref = _schedule(eager, kw, steps=3, branches=("cond",))
+    diffattn.apply(eager, "adaspa", min_tokens=0, **METHODS["adaspa"])
+    return kw, eager, _schedule(eager, kw, steps=3, branches=("cond",))
+
+
+def test_inductor_compile_matches_eager():
+    kw, eager, ref = _eager_adaspa_wan()
+    fields = METHODS["adaspa"]
     model = T.build("wan")
     diffattn.apply(model, "adaspa", min_tokens=0, **fields)
     with _fresh_dynamo():
@@ -221,11 +227,8 @@ def test_fullgraph_compile_matches_eager_on_a_unet(method, fields):
 def test_set_attn_processor_route_runs_compiled():
     """A shared processor set with set_attn_processor on a model compiled before its first forward: the
     model is adopted before the compiled frame starts, so the first forward already runs the method."""
-    kw = T.inputs("wan", GRID, batch=1)
+    kw, eager, ref = _eager_adaspa_wan()
     fields = METHODS["adaspa"]
-    eager = T.build("wan")
-    diffattn.apply(eager, "adaspa", min_tokens=0, **fields)
-    ref = _schedule(eager, kw, steps=3, branches=("cond",))
     model = T.build("wan")
     model.set_attn_processor(diffattn.SparseAttnProcessor(diffattn.make_config("adaspa", **fields), min_tokens=0))
     graphs = _Graphs()

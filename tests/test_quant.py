@@ -62,14 +62,18 @@ def test_unquantized_path_is_exact_with_partial_blocks_and_empty_rows():
     assert torch.isneginf(lse[:, :, :40]).all()
 
 
+def _quantized_and_exact(kind, bits):
+    """Inputs, layout, the quantized result and the exact one on the same layout."""
+    q, k, v = _inputs(kind)
+    layout = _layout(*q.shape[:3])
+    got = quantized_block_sparse_attention(q, k, v, layout, qk_bits=bits[0], pv_bits=bits[1])
+    return (q, k, v, layout), got, dense_masked_attention(q, k, v, layout)
+
+
 @pytest.mark.parametrize("bits", BITS, ids=_bits_id)
 @pytest.mark.parametrize("kind", ["random", "structured"])
 def test_error_within_proved_bound(kind, bits):
-    q, k, v = _inputs(kind)
-    b, h, n, _ = q.shape
-    layout = _layout(b, h, n)
-    o, lse = quantized_block_sparse_attention(q, k, v, layout, qk_bits=bits[0], pv_bits=bits[1])
-    ref_o, ref_lse = dense_masked_attention(q, k, v, layout)
+    (q, k, v, layout), (o, lse), (ref_o, ref_lse) = _quantized_and_exact(kind, bits)
     o_bound, lse_bound = quantization_error_bound(q, k, v, layout, qk_bits=bits[0], pv_bits=bits[1])
     slack = 1e-4  # fp32 rounding of the two computations, far below any bound here
     err = (o - ref_o).abs().amax(-1)
@@ -82,11 +86,7 @@ def test_error_within_proved_bound(kind, bits):
 @pytest.mark.parametrize("bits", BITS, ids=_bits_id)
 @pytest.mark.parametrize("kind", ["random", "structured"])
 def test_typical_error_as_documented(kind, bits):
-    q, k, v = _inputs(kind)
-    b, h, n, _ = q.shape
-    layout = _layout(b, h, n)
-    o, _ = quantized_block_sparse_attention(q, k, v, layout, qk_bits=bits[0], pv_bits=bits[1])
-    ref_o, _ = dense_masked_attention(q, k, v, layout)
+    _, (o, _), (ref_o, _) = _quantized_and_exact(kind, bits)
     rel = float((o - ref_o).norm() / ref_o.norm())
     assert rel <= QUANT_REL_L2[bits][kind], f"relative L2 error {rel:.4f}"
 

@@ -21,12 +21,13 @@ class Tiny:
     grids: tuple[tuple[int, int, int], ...]
 
 
-def _wan(image_dim=None):
+def wan_model(image_dim=None, heads=2, layers=2):
+    """The tiny Wan denoiser; ``heads``/``layers`` for checks that need another head count."""
     from diffusers import WanTransformer3DModel
 
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
-        out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=16, in_channels=4,
+        out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=layers, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", rope_max_seq_len=32, image_dim=image_dim,
     )
 
@@ -160,9 +161,9 @@ def _unet_inputs(grid, batch=2, text=7):
 
 
 TINY = {
-    "wan": Tiny("wan", _wan, _wan_inputs, None, ((3, 4, 6), (2, 5, 3))),
+    "wan": Tiny("wan", wan_model, _wan_inputs, None, ((3, 4, 6), (2, 5, 3))),
     "wan-i2v": Tiny(
-        "wan", lambda: _wan(image_dim=24), lambda g, batch=2: _wan_inputs(g, batch, image=True), None,
+        "wan", lambda: wan_model(image_dim=24), lambda g, batch=2: _wan_inputs(g, batch, image=True), None,
         ((3, 4, 6), (2, 3, 5)),
     ),
     "hunyuanvideo": Tiny("hunyuanvideo", _hunyuan, _hunyuan_inputs, False, ((3, 4, 6), (2, 3, 5))),
