@@ -73,6 +73,27 @@ def naive_quantized_attention(
     return o.to(q.dtype), lse + (q.float() * kmean).sum(-1) * scale
 
 
+def _bound_chunks(layout: BlockSparseLayout, v: torch.Tensor, b: int, h: int, nq: int, nk: int):
+    """Yields ``(r0, r1, keep, vmax)`` per chunk of whole query blocks: rows ``r0:r1``, their kept-token
+    mask ``[B, H, r1 - r0, Nk]`` and the largest ``|v|`` entry each of those rows attends to."""
+    vabs = v.float().abs().amax(-1)[:, :, None, :]  # [B, H, 1, Nk]
+    bq, mq = layout.block_q, layout.num_q_blocks
+    step = _chunks(layout, b, h, nk)
+    for m0 in range(0, mq, step):
+        m1 = min(mq, m0 + step)
+        r0, r1 = m0 * bq, min(nq, m1 * bq)
+        keep = _row_block_mask(layout, m0, m1).to_token_mask(r1 - r0, nk).expand(b, h, -1, -1)
+        yield r0, r1, keep, torch.where(keep, vabs, torch.zeros_like(vabs)).amax(-1)
+
+
+def _shifted_probs(qv: torch.Tensor, kv: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """``exp(s - rowmax)`` of the dequantized scores over the kept tokens (zero elsewhere and on empty rows)."""
+    s = (torch.matmul(qv, kv.transpose(-1, -2)) * scale).masked_fill(~keep, float("-inf"))
+    rowmax = s.amax(-1)
+    safe = torch.where(torch.isfinite(rowmax), rowmax, torch.zeros_like(rowmax))
+    return torch.exp(s - safe[..., None]).masked_fill(~keep, 0.0)
+
+
 def quantization_error_bound(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -103,24 +124,14 @@ def quantization_error_bound(
     nk = k.shape[2]
     scale = d**-0.5 if scale is None else float(scale)
     bq, bk = layout.block_q, layout.block_k
-    mq, mk = layout.num_q_blocks, layout.num_kv_blocks
+    mk = layout.num_kv_blocks
     qv, kv, _, dq, dk = _prepare(q, k, layout, qk_bits)
     eps = scale * (q.float().abs().sum(-1) * dk.amax(-1, keepdim=True) + dq * kv.abs().sum(-1).amax(-1, keepdim=True))
     o_bound = torch.zeros(b, h, nq, device=q.device)
-    vabs = v.float().abs().amax(-1)  # [B, H, Nk]
-    step = _chunks(layout, b, h, nk)
-    for m0 in range(0, mq, step):
-        m1 = min(mq, m0 + step)
-        r0, r1 = m0 * bq, min(nq, m1 * bq)
-        keep = _row_block_mask(layout, m0, m1).to_token_mask(r1 - r0, nk).expand(b, h, -1, -1)
-        vmax = torch.where(keep, vabs[:, :, None, :], torch.zeros_like(vabs[:, :, None, :])).amax(-1)
+    for r0, r1, keep, vmax in _bound_chunks(layout, v, b, h, nq, nk):
         term = torch.expm1(2 * eps[:, :, r0:r1])
         if pv_bits is not None:
-            s = torch.matmul(qv[:, :, r0:r1], kv.transpose(-1, -2)) * scale
-            s = s.masked_fill(~keep, float("-inf"))
-            rowmax = s.amax(-1)
-            safe = torch.where(torch.isfinite(rowmax), rowmax, torch.zeros_like(rowmax))
-            p = torch.exp(s - safe[..., None]).masked_fill(~keep, 0.0)
+            p = _shifted_probs(qv[:, :, r0:r1], kv, keep, scale)
             l = p.sum(-1)
             r = r1 - r0
             rq = cdiv(r, bq)
@@ -264,18 +275,8 @@ def online_quantization_error_bound(
     nk = k.shape[2]
     scale = d**-0.5 if scale is None else float(scale)
     qv, kv, _, _, _ = _prepare(q, k, layout, qk_bits)
-    vabs = v.float().abs().amax(-1)
-    bq, mq = layout.block_q, layout.num_q_blocks
-    step = _chunks(layout, b, h, nk)
-    for m0 in range(0, mq, step):
-        m1 = min(mq, m0 + step)
-        r0, r1 = m0 * bq, min(nq, m1 * bq)
-        keep = _row_block_mask(layout, m0, m1).to_token_mask(r1 - r0, nk).expand(b, h, -1, -1)
-        vmax = torch.where(keep, vabs[:, :, None, :], torch.zeros_like(vabs[:, :, None, :])).amax(-1)
-        s = (torch.matmul(qv[:, :, r0:r1], kv.transpose(-1, -2)) * scale).masked_fill(~keep, float("-inf"))
-        rowmax = s.amax(-1)
-        safe = torch.where(torch.isfinite(rowmax), rowmax, torch.zeros_like(rowmax))
-        l = torch.exp(s - safe[..., None]).masked_fill(~keep, 0.0).sum(-1)
+    for r0, r1, keep, vmax in _bound_chunks(layout, v, b, h, nq, nk):
+        l = _shifted_probs(qv[:, :, r0:r1], kv, keep, scale).sum(-1)
         n_kept = keep.sum(-1).float()
         o_bound[:, :, r0:r1] += vmax * n_kept / (2 * _pmax(pv_bits) * torch.where(l > 0, l, torch.ones_like(l)))
     return o_bound, eps
