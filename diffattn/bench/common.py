@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import contextlib
 import datetime as _dt
 import json
@@ -78,6 +80,12 @@ def write_rows(rows: list[dict[str, Any]], path: Path | str) -> Path:
             f.write(json.dumps(row, default=str) + "\n")
             f.flush()
     return path
+
+
+def check_densities(parser: argparse.ArgumentParser, densities: list[float]) -> None:
+    """``parser.error`` unless every ``--densities`` value lies in (0, 1]."""
+    if any(not 0.0 < d <= 1.0 for d in densities):
+        parser.error(f"--densities must lie in (0, 1], got {densities}")
 
 
 def timed(fn: Callable[[], Any], device: torch.device, warmup: int = 1, repeat: int = 3) -> float:

@@ -35,7 +35,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from diffattn.bench.common import default_output, environment, write_rows
+from diffattn.bench.common import check_densities, default_output, environment, write_rows
 from diffattn.kernels import BlockSparseLayout, block_sparse_attention, cdiv
 from diffattn.methods import method_names
 
@@ -198,8 +198,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # The command as typed, without where it wrote to, so rows say how to reproduce them.
     given = list(sys.argv[1:] if argv is None else argv)
     args.argv = [a for i, a in enumerate(given) if a != "--out" and (i == 0 or given[i - 1] != "--out")]
-    if any(not 0.0 < x <= 1.0 for x in args.densities):
-        p.error(f"--densities must lie in (0, 1], got {args.densities}")
+    check_densities(p, args.densities)
     for name in ("batch", "heads", "head_dim", "reps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from diffattn.bench.common import default_output as _default_output
-from diffattn.bench.common import environment
+from diffattn.bench.common import check_densities, environment
 from diffattn.kernels import BlockSparseLayout, block_sparse_attention, cdiv
 from diffattn.methods import describe, method_names
 
@@ -386,8 +386,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for s in args.shapes or []:
         if ALIASES.get(s, s) not in {**SHAPES, **QUICK_SHAPES}:
             p.error(f"unknown shape {s!r}; choose from {list(SHAPES) + list(QUICK_SHAPES)} or wan/wan720/hunyuan")
-    if any(not 0.0 < d <= 1.0 for d in args.densities):
-        p.error(f"densities must lie in (0, 1], got {args.densities}")
+    check_densities(p, args.densities)
     return args
 
 
