@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from ..processors import apply, remove, stats
+from ..processors.api import DENOISER_ATTRS
 from ..processors.state import Span, synchronize
 
 __all__ = ["Comparer", "Sample", "quality", "environment", "versions", "device_name", "frames_of"]
@@ -109,7 +110,9 @@ def quality(video: np.ndarray, reference: np.ndarray, lpips: bool = True) -> dic
 
 
 def denoisers(pipe: Any) -> list[torch.nn.Module]:
-    found = [getattr(pipe, n) for n in ("transformer", "transformer_2", "unet") if getattr(pipe, n, None) is not None]
+    # The modules as the pipeline holds them (a compiled wrapper stays wrapped: a hook on the inner
+    # module would be traced into the compiled graph).
+    found = [getattr(pipe, n) for n in DENOISER_ATTRS if getattr(pipe, n, None) is not None]
     if not found:
         raise ValueError(f"{type(pipe).__name__} has no transformer or unet to time")
     return found

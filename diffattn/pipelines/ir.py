@@ -354,7 +354,7 @@ class IRDiffusionPipeline:
                 f"no cross-attention layer has <= max_map_tokens={max_map_tokens} queries at this "
                 "resolution; raise max_map_tokens"
             )
-        norm = {row: _normalise(s / maps["count"]) for row, s in maps["sum"].items()}
+        norm = {row: _normalise((s / maps["count"]).cpu()) for row, s in maps["sum"].items()}
         target = norm[cond + n] if target_tokens is not None else None
         reference = [norm[cond + i][0] for i in range(n)] if ref_tokens is not None else None
         return target, reference

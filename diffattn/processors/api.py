@@ -25,7 +25,7 @@ __all__ = [
     "denoising_step",
 ]
 
-_DENOISER_ATTRS = ("transformer", "transformer_2", "unet")
+DENOISER_ATTRS = ("transformer", "transformer_2", "unet")
 
 
 def _is_pipeline(obj: Any) -> bool:
@@ -44,7 +44,7 @@ def denoisers(target: Any) -> list[tuple[str, torch.nn.Module]]:
     """The attention-bearing denoiser models of a pipeline, or ``[("model", target)]`` for a model."""
     if _is_pipeline(target):
         found = [
-            (n, _unwrap(getattr(target, n))) for n in _DENOISER_ATTRS if getattr(target, n, None) is not None
+            (n, _unwrap(getattr(target, n))) for n in DENOISER_ATTRS if getattr(target, n, None) is not None
         ]
         if not found:
             raise ValueError(

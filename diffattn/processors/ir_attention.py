@@ -237,6 +237,6 @@ class SubjectMapProcessor:
             per_subject = torch.stack([probs[j][:, idx].sum(-1) for idx in maps["tokens"][row]])
             grid = per_subject.view(-1, 1, h, w)
             up = F.interpolate(grid, size=self.state.latent_hw, mode="bilinear", align_corners=False)[:, 0]
-            maps["sum"][row] = maps["sum"].get(row, 0) + up.cpu()
+            maps["sum"][row] = maps["sum"].get(row, 0) + up  # on the device: no sync per layer
         maps["count"] = maps.get("count", 0) + 1
         return out
