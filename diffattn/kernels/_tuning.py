@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import os
 
+# The largest tile (rows or keys) the Triton kernels take; their tiles are the layout's blocks.
+MAX_TILE = 128
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 

@@ -34,7 +34,7 @@ import logging
 
 import torch
 
-from ._tuning import interpreting
+from ._tuning import MAX_TILE, interpreting
 from .layout import BlockSparseLayout, check_block
 from .cpu import cpu_kernel, sparse_cpu_attention
 from .torch_attention import gathered_block_attention, masked_cpu_attention
@@ -112,7 +112,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         log_once("auto-triton", "diffattn: block-sparse attention uses the Triton kernel (CUDA)")
         return "triton"
     why = "no CUDA device" if device.type != "cuda" else "Triton is not installed"
-    log_once("auto-torch", f"diffattn: block-sparse attention falls back to the PyTorch path ({why})")
+    log_once("auto-torch-resolve", f"diffattn: block-sparse attention falls back to the PyTorch path ({why})")
     return "torch"
 
 
@@ -174,8 +174,10 @@ class _Triton(Backend):
     name, family = "triton", "triton"
 
     def can_run(self, q, k, v, layout, qk_bits=None, pv_bits=None):
-        if layout.block_k > 128:
-            return f"its key tile is the layout's key block, at most 128, got {layout.block_k}; use smaller blocks"
+        if layout.block_k > MAX_TILE:
+            return (
+                f"its key tile is the layout's key block, at most {MAX_TILE}, got {layout.block_k}; use smaller blocks"
+            )
         return _triton_reason(q.device)
 
     def run(self, q, k, v, layout, scale, qk_bits=None, pv_bits=None):
@@ -190,9 +192,9 @@ class _TritonQuant(Backend):
     def can_run(self, q, k, v, layout, qk_bits=None, pv_bits=None):
         if qk_bits is None:
             return "the quantized kernel needs integer Q·Kᵀ (qk_bits=8 or 4); P-only quantization runs on 'torch'"
-        if max(layout.block_q, layout.block_k) > 128:
+        if max(layout.block_q, layout.block_k) > MAX_TILE:
             return (
-                f"its tiles are the layout's blocks, at most 128, got {layout.block_q} x {layout.block_k}; "
+                f"its tiles are the layout's blocks, at most {MAX_TILE}, got {layout.block_q} x {layout.block_k}; "
                 "use smaller blocks"
             )
         return _triton_reason(q.device)
@@ -389,7 +391,7 @@ def block_mass(
         log_once("mass-flex", "diffattn: block_mass has no 'flex' backend; using 'auto'")
         backend = "auto"
     name = resolve_backend(backend, q.device)
-    if name == "triton" and backend == "auto" and max(block_q, block_k) > 128:
+    if name == "triton" and backend == "auto" and max(block_q, block_k) > MAX_TILE:
         log_once("mass-big-block", "diffattn: block_mass tiles above 128 use the PyTorch path")
         name = "torch"
     if name == "triton":

@@ -20,12 +20,11 @@ from ._triton_blocks import (
     key_block, layout_operands, layout_row, load_tile, mask_scores, online_softmax_step, program_bh, softmax_state,
     store_output,
 )
-from ._tuning import LOG2E, autotune_configs, interpreting, prune, shared_memory_estimate, shared_memory_limit
+from ._tuning import LOG2E, MAX_TILE, autotune_configs, interpreting, prune, shared_memory_estimate, shared_memory_limit
 from .layout import BlockSparseLayout
 
 __all__ = ["triton_block_sparse_attention"]
 
-_MAX_TILE = 128
 
 
 # Hopper: 64/128-row tiles are fed by 4 warps (one warpgroup) or 8; 2-4 stages hide K/V latency
@@ -140,7 +139,7 @@ def _pick_block_m(block_q: int, block_k: int, block_d: int, block_dv: int, elem:
     and head dims above 128 keep at most 64 rows so the accumulator stays in registers; fp32 operands
     (no tensor-core path at full precision) keep 32 (64 fp32 rows at head dim 128 spill on sm_90a).
     """
-    bm = min(block_q, _MAX_TILE)
+    bm = min(block_q, MAX_TILE)
     if max(block_d, block_dv) > 128:
         bm = min(bm, 64)
     if elem >= 4:
@@ -174,9 +173,9 @@ def _launch(
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     if block_m is None:
         block_m = _pick_block_m(bq, bk, block_d, block_dv, q.element_size())
-    elif block_m < 16 or block_m > min(bq, _MAX_TILE) or bq % block_m:
+    elif block_m < 16 or block_m > min(bq, MAX_TILE) or bq % block_m:
         raise ValueError(
-            f"block_m must be a power of two in 16..{min(bq, _MAX_TILE)} dividing block_q={bq}, got {block_m}"
+            f"block_m must be a power of two in 16..{min(bq, MAX_TILE)} dividing block_q={bq}, got {block_m}"
         )
 
     grid = (mq * (bq // block_m), b * h)
@@ -226,9 +225,9 @@ def triton_block_sparse_attention(
         see no key give zeros and ``lse = -inf``.
     """
     b, h, nq, d = q.shape
-    if layout.block_k > _MAX_TILE:
+    if layout.block_k > MAX_TILE:
         raise ValueError(
-            f"the Triton kernel uses the layout's key blocks as its tile and supports block_k <= {_MAX_TILE}, "
+            f"the Triton kernel uses the layout's key blocks as its tile and supports block_k <= {MAX_TILE}, "
             f"got {layout.block_k}; build the layout with smaller key blocks or use backend='torch'"
         )
     layout.check_inputs(b, h, nq, k.shape[-2])

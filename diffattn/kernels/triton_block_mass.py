@@ -16,12 +16,11 @@ import triton
 import triton.language as tl
 
 from ._triton_blocks import LOG2E_C, load_tile, program_bh
-from ._tuning import LOG2E, autotune_configs, interpreting, prune, shared_memory_estimate, shared_memory_limit
+from ._tuning import LOG2E, MAX_TILE, autotune_configs, interpreting, prune, shared_memory_estimate, shared_memory_limit
 from .layout import cdiv, check_block
 
 __all__ = ["triton_block_mass"]
 
-_MAX_TILE = 128
 
 _CONFIGS = autotune_configs(((4, 2), (4, 3), (8, 2), (8, 3), (8, 1)))
 
@@ -121,7 +120,7 @@ def triton_block_mass(
     Returns:
         float32 ``[B, H, ceil(Nq/block_q), ceil(Nk/block_k)]``.
     """
-    check_block(block_q, "block_q", _MAX_TILE)
-    check_block(block_k, "block_k", _MAX_TILE)
+    check_block(block_q, "block_q", MAX_TILE)
+    check_block(block_k, "block_k", MAX_TILE)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return _launch(q, k, lse, block_q, block_k, scale)

@@ -24,13 +24,12 @@ from ._triton_blocks import (
     key_block, layout_operands, layout_row, load_tile, mask_scores, online_softmax_step, program_bh, softmax_state,
     store_output,
 )
-from ._tuning import autotune_configs, interpreting, prune, shared_memory_estimate, shared_memory_limit
+from ._tuning import MAX_TILE, autotune_configs, interpreting, prune, shared_memory_estimate, shared_memory_limit
 from .layout import BlockSparseLayout
 from .quant import quantize_qk_for_kernel
 
 __all__ = ["triton_quantized_block_sparse_attention"]
 
-_MAX_TILE = 128
 
 
 _CONFIGS = autotune_configs(((4, 2), (4, 3), (8, 2), (8, 3), (4, 1)))
@@ -206,9 +205,9 @@ def triton_quantized_block_sparse_attention(
         raise ValueError(f"pv_bits must be 8, 4 or None (no quantization), got {pv_bits!r}")
     if not isinstance(layout, BlockSparseLayout):
         raise TypeError(f"layout must be a BlockSparseLayout, got {type(layout).__name__}")
-    if layout.block_q > _MAX_TILE or layout.block_k > _MAX_TILE:
+    if layout.block_q > MAX_TILE or layout.block_k > MAX_TILE:
         raise ValueError(
-            f"the quantized kernel uses the layout's blocks as tiles and supports block_q, block_k <= {_MAX_TILE}, "
+            f"the quantized kernel uses the layout's blocks as tiles and supports block_q, block_k <= {MAX_TILE}, "
             f"got {layout.block_q} x {layout.block_k}; build the layout with smaller blocks"
         )
     b, h, nq, d = q.shape
