@@ -89,10 +89,14 @@ def attend_sharded(
             f"degree that divides {h}"
         )
     q, k, v = (_all_to_all_dim_exchange(x.contiguous(), 2, 1, group) for x in (query, key, value))
-    if attn_mask is not None and attn_mask.shape[-1] == s:
-        attn_mask = _gather(attn_mask.contiguous(), attn_mask.ndim - 1, group)
-    if attn_mask is not None and attn_mask.ndim == 2:
-        attn_mask = attn_mask[:, None, None]  # [B, Nk] key mask, as diffusers' native backend reads it
+
+    def full_mask(m):
+        if m.shape[-1] == s:  # this rank's keys only: gather every rank's
+            m = _gather(m.contiguous(), m.ndim - 1, group)
+        return m[:, None, None] if m.ndim == 2 else m  # [B, Nk] key mask, as diffusers' native backend reads it
+
+    if attn_mask is not None:  # every layer gets the model's same mask: gathered once per forward
+        attn_mask = handler.state.per_forward(attn_mask, ("sharded", s), full_mask)
     local = h // world
     heads = (rank * local, (rank + 1) * local, h)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))

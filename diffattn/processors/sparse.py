@@ -357,9 +357,8 @@ def _dispatch_hook(
         if out is not None:
             return out
     elif handler is not None and not attention_kwargs and parallel_config is None:
-        mask = attn_mask
-        if mask is not None and mask.ndim == 2 and mask.shape[0] == query.shape[0] and mask.shape[1] == key.shape[1]:
-            mask = mask[:, None, None]  # [B, Nk] key mask, as diffusers' native backend reads it
+        b, nk = query.shape[0], key.shape[1]
+        mask = handler.state.per_forward(attn_mask, ("view", b, nk), lambda m: _key_mask_view(m, b, nk))
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))
         out = handler.attend(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa)
     if out is None:  # not diffattn's call: the backend the processor asked for runs it
@@ -369,6 +368,13 @@ def _dispatch_hook(
             parallel_config=parallel_config,
         )
     return out.transpose(1, 2)
+
+
+def _key_mask_view(mask: torch.Tensor | None, b: int, nk: int):
+    """A ``[B, Nk]`` key mask as ``[B, 1, 1, Nk]``, as diffusers' native backend reads it (else as given)."""
+    if mask is not None and mask.ndim == 2 and mask.shape[0] == b and mask.shape[1] == nk:
+        return mask[:, None, None]
+    return mask
 
 
 def _sdpa_hook(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -496,12 +502,14 @@ def _key_padding(mask: torch.Tensor | None, b: int, n: int) -> tuple[bool, torch
         # Additive masks: 0 keeps a key; -inf (or a huge negative) drops it. Anything else is a bias.
         keep = flat == 0
         dropped = (~finite) | (flat < -1e4)
-        if not bool((keep | dropped).all()):
+        # Both facts in one read of the device.
+        padding, full = torch.stack([(keep | dropped).all(), keep.all()]).tolist()
+        if not padding:
             return False, None
-    keep = keep.expand(b, n)
+        return True, (None if full else keep.expand(b, n))
     if bool(keep.all()):
         return True, None
-    return True, keep
+    return True, keep.expand(b, n)
 
 
 class SparseAttnProcessor:

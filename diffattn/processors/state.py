@@ -336,17 +336,22 @@ class ModelState:
         self._masks = {}
         self.token = None
 
-    def key_padding(self, mask: Any, b: int, n: int, parse: Callable) -> tuple[bool, Any]:
-        """``parse(mask, b, n)`` once per mask and forward: every layer gets the model's same mask, and
-        parsing it reads the device."""
+    def per_forward(self, mask: Any, key: tuple, make: Callable[[Any], Any]) -> Any:
+        """``make(mask)`` once per mask object and forward: every layer gets the model's same mask, and
+        what is derived from it (a view, a gather over ranks, a parse that reads the device) need not be
+        redone per layer."""
         if mask is None:
-            return parse(mask, b, n)
+            return make(mask)
         masks = self.__dict__.setdefault("_masks", {})
-        key = (id(mask), b, n)
-        hit = masks.get(key)
+        slot = (id(mask), *key)
+        hit = masks.get(slot)
         if hit is None or hit[0] is not mask:
-            hit = masks[key] = (mask, parse(mask, b, n))
+            hit = masks[slot] = (mask, make(mask))
         return hit[1]
+
+    def key_padding(self, mask: Any, b: int, n: int, parse: Callable) -> tuple[bool, Any]:
+        """``parse(mask, b, n)`` once per mask and forward (parsing reads the device)."""
+        return self.per_forward(mask, ("parse", b, n), lambda m: parse(m, b, n))
 
     def timer(self, device: torch.device | str | None = None) -> Span:
         return Span(device, self.sync_timing)
