@@ -358,12 +358,12 @@ def _rows(mask: torch.Tensor, counts: torch.Tensor, kmax: int) -> tuple[torch.Te
     return indices.contiguous(), counts.contiguous()
 
 
-def check_block(value: int, name: str, maximum: int | None = None) -> None:
+def check_block(value: int, name: str, maximum: int | None = None, hint: str = "e.g. 64 or 128") -> None:
     """Raise unless ``value`` is a power of two >= 16 (and <= ``maximum``): every kernel's tiles are."""
     ok = isinstance(value, int) and not isinstance(value, bool) and value >= 16 and not value & (value - 1)
     if not ok or (maximum is not None and value > maximum):
         span = ">= 16" if maximum is None else f"in 16..{maximum}"
-        raise ValueError(f"{name} must be a power of two {span} (e.g. 64 or 128), got {value!r}")
+        raise ValueError(f"{name} must be a power of two {span} ({hint}), got {value!r}")
 
 
 def _shape(t: object) -> str:
