@@ -29,6 +29,7 @@ every fallback are logged once; a request no backend of the family can serve rai
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 
@@ -68,10 +69,12 @@ def log_once(key: str, message: str, level: int = logging.INFO) -> None:
 triton_interpret = interpreting
 
 
+@functools.cache
 def _has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@functools.cache
 def _has_flex() -> bool:
     try:
         from torch.nn.attention import flex_attention  # noqa: F401
