@@ -197,10 +197,12 @@ class Stats:
     @property
     def rows(self) -> list[dict[str, Any]]:
         with self._lock:
-            for row in self._pending:
-                row["time_ms"] = row["time_ms"].ms
-            self._pending.clear()
-            return self._rows
+            pending, self._pending = self._pending, []
+        # Reading a pending time may wait on the device: outside the lock, so the attention path's
+        # add() never waits behind it.
+        for row in pending:
+            row["time_ms"] = row["time_ms"].ms
+        return self._rows
 
     def __deepcopy__(self, memo: dict) -> "Stats":
         import copy
