@@ -165,10 +165,7 @@ class AdaSpaMethod(VideoSparseMethod):
         cfg = self.config
         bs, n = cfg.block_size, q.shape[2]
         _, lse = kernel_attention(q, k, v, dense_layout(n, n, bs, q.device), None, cfg.backend)
-        return lambda: plan_adaspa(
-            block_mass(q, k, lse, bs, bs, None, cfg.backend),
-            cfg.sparsity, cfg.mode, cfg.head_adaptive, cfg.recall_threshold, cfg.target_recall,
-        )
+        return lambda: self._search(q, k, lse, None)
 
     @property
     def stats(self) -> dict[tuple[str, int], dict[str, Any]]:
@@ -181,14 +178,20 @@ class AdaSpaMethod(VideoSparseMethod):
         """This run's search steps (the configured 50-step schedule scaled to ``ctx.num_steps``)."""
         return {ctx.scaled_step(s) for s in self.config.search_steps}
 
+    def _search(self, q, k, lse, scale, heads=None, gather_heads=None):
+        """The block search: block mass under the dense LSE, then the block choice (the same call for
+        the method and for the benchmarks that time it)."""
+        cfg = self.config
+        mass = block_mass(q, k, lse, cfg.block_size, cfg.block_size, scale, cfg.backend)
+        return plan_adaspa(
+            mass, cfg.sparsity, cfg.mode, cfg.head_adaptive, cfg.recall_threshold, cfg.target_recall,
+            heads, gather_heads,
+        )
+
     def _plan(self, q, k, lse, ctx, e: _Entry) -> None:
         cfg = self.config
         bs = cfg.block_size
-        mass = block_mass(q, k, lse, bs, bs, ctx.scale, cfg.backend)
-        mask, info = plan_adaspa(
-            mass, cfg.sparsity, cfg.mode, cfg.head_adaptive, cfg.recall_threshold, cfg.target_recall,
-            ctx.heads, ctx.gather_heads,
-        )
+        mask, info = self._search(q, k, lse, ctx.scale, ctx.heads, ctx.gather_heads)
         n = q.shape[2]
         e.layout = BlockSparseLayout.from_block_mask(mask, bs, bs, n, n)
         e.density = e.layout.density
