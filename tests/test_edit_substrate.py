@@ -119,3 +119,23 @@ def test_one_word_helper_serves_both_rules():
     )
     with pytest.raises(ValueError, match="not in prompt"):
         word_token_indices(prompt, ["cat"], tok, match="tokens")
+
+
+@pytest.mark.parametrize("mode", ["off", "store"])
+def test_fatezero_layers_it_does_not_store_build_no_probabilities(mode, monkeypatch):
+    """Layers above ``max_query_tokens`` (and every layer while FateZero is off) are plain attention,
+    computed without the ``[Nq, Nk]`` probability matrix; a smaller layer still builds and stores it."""
+    from diffattn.processors.fatezero import FateZeroAttnProcessor
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, cross_attention_dim=12, heads=2, dim_head=8).eval()
+    state = FateZeroState(FateZeroConfig(frame_refs=("self",), temporal_min_channels=0, max_query_tokens=20))
+    state.mode = mode
+    seen = []
+    monkeypatch.setattr(state, "process", lambda name, is_cross, heads, probs: seen.append(probs.shape) or probs)
+    proc = FateZeroAttnProcessor("cross", state)
+    for n in (35, 12):
+        x, ctx = torch.randn(2, n, 16), torch.randn(2, 9, 12)
+        with torch.no_grad():
+            assert_close(proc(attn, x, ctx), AttnProcessor2_0()(attn, x, ctx), torch.float32)
+    assert seen == ([] if mode == "off" else [(2, 2, 12, 9)])

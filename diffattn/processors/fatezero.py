@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 
 from ..methods.base import MethodConfig
 from .attention_body import AttentionBody
@@ -343,10 +344,15 @@ class FateZeroState:
     def temporal_refs(self, channels: int) -> Sequence[FrameRef]:
         return self.config.frame_refs if channels >= self.config.temporal_min_channels else ("self",)
 
+    def wants_probs(self, nq: int) -> bool:
+        """Whether a layer with ``nq`` queries stores or rewrites its probabilities (otherwise it is
+        plain attention and need not build them)."""
+        return self.mode != "off" and nq <= self.config.max_query_tokens
+
     def process(self, name: str, is_cross: bool, heads: int, probs: torch.Tensor) -> torch.Tensor:
         """Store or rewrite ``probs`` ``[batch, H, Nq, Nk]``; returns the probabilities to apply."""
         nq = probs.shape[-2]
-        if self.mode == "off" or nq > self.config.max_query_tokens:
+        if not self.wants_probs(nq):
             return probs
         if self.mode == "store":
             grid = self.grid(nq)
@@ -478,10 +484,15 @@ class FateZeroAttnProcessor:
                 raise ValueError(f"{self.name}: spatial-temporal self-attention does not take an attention_mask")
             k, v = spatial_temporal_kv(k, v, state.num_frames, refs)
 
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale
+        mask = None
         if attention_mask is not None:
-            mask = attn.prepare_attention_mask(attention_mask, k.shape[-2], batch)
-            scores = scores + mask.view(batch, heads, -1, k.shape[-2]).float()
+            mask = attn.prepare_attention_mask(attention_mask, k.shape[-2], batch).view(batch, heads, -1, k.shape[-2])
+        if not state.wants_probs(q.shape[-2]):
+            # Nothing stored or rewritten here (the largest layers): no [Nq, Nk] probability matrix.
+            return body.finish(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale))
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale
+        if mask is not None:
+            scores = scores + mask.float()
         probs = state.process(self.name, is_cross, heads, scores.softmax(dim=-1))
         return body.finish(torch.matmul(probs.to(v.dtype), v))
 
