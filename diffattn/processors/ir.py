@@ -217,6 +217,7 @@ class IRState:
         self.records: list = []
         self.plans: dict = {}
         self.keeps: dict = {}
+        self.full_masks: dict = {}
         self.subject_maps: dict = {}
         self._step = -1
         self._latent_hw = latent_hw
@@ -227,6 +228,7 @@ class IRState:
         self.records.clear()
         self.plans.clear()
         self.keeps.clear()
+        self.full_masks.clear()
         self.subject_maps.clear()
 
     @property
@@ -284,6 +286,30 @@ class IRState:
                     keep = keep | own
             self.keeps[key] = (self.step, keep)
         return self.keeps[key][1]
+
+    def reference_mask(self, allowed_ref: torch.Tensor, h: int, w: int, n_ref_keys: int, device) -> torch.Tensor:
+        """``allowed_ref`` with the reference keys (the first ``n_ref_keys``) cut for the target queries
+        :meth:`query_keep` drops: built once per (step, grid), shared by that step's layers."""
+        keep = self.query_keep(h, w, device)
+        if keep is None:
+            return allowed_ref
+        key = (h, w, str(device))
+        entry = self.keeps[key]
+        if len(entry) == 2 or entry[2] is not allowed_ref:
+            masked = allowed_ref.clone()
+            masked[~keep, :n_ref_keys] = False
+            entry = self.keeps[key] = (entry[0], entry[1], allowed_ref, masked)
+        return entry[3]
+
+    def attention_mask(self, allowed: torch.Tensor | None) -> torch.Tensor | None:
+        """``allowed`` as an SDPA mask, or None where it keeps every key: decided once per mask object
+        (plans and their masked copies live across layers), not with a device read per call."""
+        if allowed is None:
+            return None
+        hit = self.full_masks.get(id(allowed))
+        if hit is None or hit[0] is not allowed:
+            hit = self.full_masks[id(allowed)] = (allowed, bool(allowed.all()))
+        return None if hit[1] else allowed
 
     def reference_active(self, layer_index: int) -> bool:
         c = self.config

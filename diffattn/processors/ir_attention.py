@@ -22,10 +22,10 @@ IRState = Any
 __all__ = ["IRAttnProcessor", "IRCrossAttnProcessor", "SubjectMapProcessor"]
 
 
-def _attend(q, k, v, allowed, scale, want_probs):
+def _attend(q, k, v, allowed, scale, want_probs, state=None):
     """Masked attention ``[B, H, Nq, D]``; with ``want_probs`` also the fp32 probabilities."""
     if not want_probs:
-        mask = None if allowed is None or bool(allowed.all()) else allowed
+        mask = None if allowed is None else state.attention_mask(allowed)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale), None
     scores = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) * scale
     if allowed is not None:
@@ -128,15 +128,11 @@ class IRAttnProcessor:
             keys = torch.cat([k_r, k[tgt]], dim=2)
             values = torch.cat([v_r, v[tgt]], dim=2)
             # use_ref without use_iso only happens with config.isolation off, which the plan reflects.
-            allowed = plan.allowed_ref
-            keep = st.query_keep(h, w, q.device)
-            if keep is not None:
-                allowed = allowed.clone()
-                allowed[~keep, : n * n_tok] = False
+            allowed = st.reference_mask(plan.allowed_ref, h, w, n * n_tok, q.device)
         else:
             keys, values = k[tgt], v[tgt]
             allowed = plan.allowed_iso
-        o_t, p_t = _attend(q_t, keys, values, allowed, attn.scale, st.capture)
+        o_t, p_t = _attend(q_t, keys, values, allowed, attn.scale, st.capture, st)
         out[tgt] = o_t
         if st.capture:
             self._record(q_t, keys, p_t, allowed, "reference" if use_ref else "isolation",
