@@ -30,7 +30,7 @@ import torch
 from ..kernels import BlockSparseLayout, block_mass
 from ..patterns import check_block_size
 from ..patterns.adaspa import plan_adaspa
-from .base import DEFAULTS, AttnContext, Drawing, MethodConfig, Variant, register_method
+from .base import AttnContext, Drawing, MethodConfig, Variant, register_method
 from .sparse import Backend, VideoSparseMethod, kernel_attention, dense_layout
 
 __all__ = ["AdaSpaConfig", "AdaSpaMethod", "AdaSpaState"]
@@ -151,8 +151,6 @@ class AdaSpaMethod(VideoSparseMethod):
     state_cls = AdaSpaState
     drawing = Drawing("adaspa", "AdaSpa's per-head block masks on synthetic DiT-like attention")
     benchmarks = {
-        "kernel": DEFAULTS,
-        "tiny": DEFAULTS,
         "quality": tuple(Variant({"sparsity": s}, f"s={s}") for s in (0.5, 0.7, 0.8, 0.9))
         + (Variant({"sparsity": 0.8, "head_adaptive": False}, "s=0.8 uniform"),)
         + tuple(Variant({"mode": "recall", "target_recall": r}, f"recall>={r}") for r in (0.9, 0.95, 0.99)),

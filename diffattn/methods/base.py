@@ -272,7 +272,7 @@ class AttentionMethod:
     defaults: ``"video"`` for DiTs on a latent grid, ``"unet"`` for Stable Diffusion UNets),
     ``drawing`` (how ``diffattn draw`` pictures it; None: no picture), ``benchmarks`` (per benchmark —
     ``"kernel"``, ``"quality"``, ``"tiny"`` — the variants it runs; a benchmark not named leaves the
-    method out), ``steady_step`` (a step of 50 at which it runs its steady-state plan),
+    method out; a subclass's entries extend its parent's, and ``()`` takes one of them back), ``steady_step`` (a step of 50 at which it runs its steady-state plan),
     :meth:`event_steps` (steps of 50 at which it plans anew: by default the steps listed in the config
     field ``event_steps_field`` names) and ``small_example`` (config fields with
     which it does its real work on a latent grid of a few hundred tokens: small blocks and windows, no
@@ -291,6 +291,12 @@ class AttentionMethod:
     event_steps_field: ClassVar[str | None] = None
     small_example: ClassVar[dict[str, Any]] = {}
     lossless_example: ClassVar[dict[str, Any]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "benchmarks" in cls.__dict__:
+            merged = {**super(cls, cls).benchmarks, **cls.__dict__["benchmarks"]}
+            cls.benchmarks = {name: variants for name, variants in merged.items() if variants}
 
     @classmethod
     def sharding_refusal(cls, config: MethodConfig) -> str | None:

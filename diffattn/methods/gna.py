@@ -23,7 +23,7 @@ import torch
 
 from ..patterns import check_block_size
 from ..patterns import neighborhood as na
-from .base import DEFAULTS, Drawing, MethodConfig, Variant, register_method
+from .base import Drawing, MethodConfig, Variant, register_method
 from .sparse import Backend, VideoSparseMethod, check_warmup, kernel_attention, warmup_layers_and_steps
 
 __all__ = ["GNAConfig", "GNAMethod"]
@@ -90,7 +90,6 @@ class GNAMethod(VideoSparseMethod):
     config_cls = GNAConfig
     drawing = Drawing("neighborhood", "a generalized neighborhood attention window and its tile layout")
     benchmarks = {
-        "kernel": DEFAULTS,
         "tiny": (Variant(), Variant({"kernel_size": (5, 8, 8), "stride": (1, 4, 4)}, "gna-small")),
         "quality": (
             Variant({}, "k=(12, 24, 24) s=(4, 8, 8)"),

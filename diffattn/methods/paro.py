@@ -40,7 +40,7 @@ import torch
 from ..kernels import BlockSparseLayout, block_sparse_attention
 from ..patterns import check_block_size
 from ..patterns.paro import AXIS_ORDERS, calibrate_paro, head_permutations, inverse_permutation, permute_heads
-from .base import DEFAULTS, AttnContext, Drawing, MethodConfig, Variant, register_method
+from .base import AttnContext, Drawing, MethodConfig, Variant, register_method
 from .sparse import Backend, VideoSparseMethod, kernel_attention
 
 __all__ = ["PAROConfig", "PAROMethod", "PAROState"]
@@ -176,8 +176,6 @@ class PAROMethod(VideoSparseMethod):
     state_cls = PAROState
     drawing = Drawing("paro", "PARO's per-head permutation and block mask on synthetic attention")
     benchmarks = {
-        "kernel": DEFAULTS,
-        "tiny": DEFAULTS,
         "quality": tuple(Variant({"density": d}, f"d={d}") for d in (0.2, 0.3, 0.5))
         + tuple(Variant({"density": 0.5, "qk_bits": 8, "pv_bits": pv}, f"d=0.5 int8/int{pv}") for pv in (8, 4)),
     }

@@ -20,7 +20,7 @@ import torch
 
 from ..patterns import check_block_size
 from ..patterns import radial as radial_pattern
-from .base import DEFAULTS, Drawing, MethodConfig, Variant, register_method
+from .base import Drawing, MethodConfig, Variant, register_method
 from .sparse import Backend, VideoSparseMethod, check_warmup, kernel_attention, warmup_layers_and_steps
 
 __all__ = ["RadialConfig", "RadialMethod"]
@@ -82,8 +82,6 @@ class RadialMethod(VideoSparseMethod):
     drawing = Drawing("radial", "Radial's static block mask for a video shape")
     # The quality benchmark measures layer 0 at one step: its warm-up is off so that the call runs the mask.
     benchmarks = {
-        "kernel": DEFAULTS,
-        "tiny": DEFAULTS,
         "quality": tuple(
             Variant({**RadialConfig.PRESETS[family], "dense_steps": 0, "dense_layers": 0},
                     f"decay={RadialConfig.PRESETS[family]['decay_factor']}")

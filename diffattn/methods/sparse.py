@@ -192,6 +192,8 @@ class VideoSparseMethod(AttentionMethod):
     """
 
     families = ("video",)
+    # Every video method is timed as a kernel and on the tiny model at its defaults unless it says otherwise.
+    benchmarks = {"kernel": DEFAULTS, "tiny": DEFAULTS}
 
     def use_dense(self, ctx: AttnContext) -> bool:
         return False
