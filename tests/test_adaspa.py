@@ -1,11 +1,13 @@
 """AdaSpa: exact block masses, the planner against loop references, and the search/caching schedule."""
 
+import functools
+
 import pytest
 import torch
 
 from diffattn.methods import adaspa as adaspa_module
 from diffattn.kernels import block_mass, dense_masked_attention
-from diffattn.methods import AdaSpaConfig, AdaSpaMethod, AttnContext
+from diffattn.methods import AdaSpaConfig, AdaSpaMethod
 from diffattn.patterns.adaspa import (
     block_recall,
     head_adaptive_sparsity,
@@ -13,6 +15,7 @@ from diffattn.patterns.adaspa import (
     recall_block_mask,
     topk_block_mask,
 )
+from tests.contexts import video_ctx
 from tests.tolerances import assert_close
 
 GRID = (2, 5, 13)  # 130 video tokens: 5 blocks of 32, the last one 2 tokens long
@@ -20,21 +23,8 @@ BLOCK = 32
 NUM_STEPS = 10  # warm-up until step 2, searches at steps 2 and 6 (10 and 30 of 50, scaled)
 
 
-def _cfg(**kw):
-    base = dict(sparsity=0.6, block_size=BLOCK, backend="torch")
-    base.update(kw)
-    return AdaSpaConfig(**base)
-
-
-def _ctx(step, records=None, layer="l0", branch=0, grid=GRID, text_len=0, text_first=True):
-    def sink(**kw):
-        if records is not None:
-            records.append({"step": step, "key": (layer, branch), **kw})
-
-    return AttnContext(
-        layer=layer, grid=grid, step=step, num_steps=NUM_STEPS, branch=branch, text_len=text_len,
-        text_first=text_first, record=sink,
-    )
+_cfg = functools.partial(AdaSpaConfig, sparsity=0.6, block_size=BLOCK, backend="torch")
+_ctx = functools.partial(video_ctx, num_steps=NUM_STEPS, grid=GRID)
 
 
 def _qkv(b=2, h=4, n=130, d=16, seed=0):

@@ -1,6 +1,7 @@
 """PARO: exact permutations, order choice on known block-diagonal patterns, masks, calibration files,
 and the method's (quantized) output against references."""
 
+import functools
 import math
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from diffattn.kernels import BlockSparseLayout, dense_masked_attention
 from diffattn.kernels.naive_quant import naive_quantized_attention
-from diffattn.methods import AttnContext, PAROConfig, PAROMethod
+from diffattn.methods import PAROConfig, PAROMethod
 from diffattn.patterns.paro import (
     AXIS_ORDERS,
     calibrate_paro,
@@ -19,6 +20,7 @@ from diffattn.patterns.paro import (
     threshold_block_mask,
 )
 from diffattn.patterns.synthetic import synthetic_qkv
+from tests.contexts import video_ctx
 from tests.tolerances import QUANT_REL_L2, assert_close, assert_quant_close
 
 GRID = (3, 5, 7)  # 105 video tokens: 4 blocks of 32, the last one 9 tokens long
@@ -26,18 +28,8 @@ BLOCK = 32
 NUM_STEPS = 10  # calibration steps 5 and 25 of 50 -> 1 and 5
 
 
-def _cfg(**kw):
-    base = dict(density=0.5, block_size=BLOCK, backend="torch")
-    base.update(kw)
-    return PAROConfig(**base)
-
-
-def _ctx(step, records=None, layer="l0", branch=0, grid=GRID, text_len=0, text_first=True):
-    sink = (lambda **kw: records.append({"step": step, **kw})) if records is not None else (lambda **kw: None)
-    return AttnContext(
-        layer=layer, grid=grid, step=step, num_steps=NUM_STEPS, branch=branch, text_len=text_len,
-        text_first=text_first, record=sink,
-    )
+_cfg = functools.partial(PAROConfig, density=0.5, block_size=BLOCK, backend="torch")
+_ctx = functools.partial(video_ctx, num_steps=NUM_STEPS, grid=GRID)
 
 
 def _coords_in_order(grid, order):
