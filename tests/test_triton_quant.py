@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from diffattn.kernels import BlockSparseLayout, dense_masked_attention
-from diffattn.kernels.naive_quant import online_quantization_error_bound, online_quantized_attention
+from diffattn.kernels.naive_quant import online_quantized_attention, quantization_error_bound
 from diffattn.patterns.synthetic import synthetic_qkv
 from tests.tolerances import OUTPUT_TOL, QUANT_LEVEL_FLIP_ROWS, QUANT_REL_L2, assert_quant_close
 
@@ -57,7 +57,7 @@ def test_kernel_equals_online_reference_and_stays_within_bound(d, density, qk, p
     _assert_matches_reference(o, lse, ref_o, ref_lse, v, layout, pv)
 
     fp_o, fp_lse = dense_masked_attention(q, k, v, layout)
-    o_bound, lse_bound = online_quantization_error_bound(q, k, v, layout, qk_bits=qk, pv_bits=pv)
+    o_bound, lse_bound = quantization_error_bound(q, k, v, layout, qk_bits=qk, pv_bits=pv, online=True)
     slack = 1e-4  # fp32 rounding of the two computations, far below any bound here
     err = (o - fp_o).abs().amax(-1)
     assert (err <= o_bound + slack).all(), f"worst row exceeds its bound by {(err - o_bound).max():.3g}"
@@ -84,7 +84,7 @@ def test_partial_blocks_and_empty_rows(pv):
     assert torch.equal(o[empty], torch.zeros_like(o[empty]))
     assert torch.isneginf(lse[empty]).all() and torch.isfinite(lse[~empty]).all()
     fp_o, _ = dense_masked_attention(q, k, v, layout, scale=0.2)
-    o_bound, _ = online_quantization_error_bound(q, k, v, layout, scale=0.2, qk_bits=8, pv_bits=pv)
+    o_bound, _ = quantization_error_bound(q, k, v, layout, scale=0.2, qk_bits=8, pv_bits=pv, online=True)
     assert ((o - fp_o).abs().amax(-1) <= o_bound + 1e-4).all()
 
 
@@ -97,7 +97,7 @@ def test_structured_inputs_fp16_int4_qk():
     ref_o, ref_lse = online_quantized_attention(q, k, v, layout, qk_bits=4, pv_bits=8)
     _assert_matches_reference(o, lse, ref_o, ref_lse, v, layout, 8)
     fp_o, _ = dense_masked_attention(q.float(), k.float(), v.float(), layout)
-    o_bound, _ = online_quantization_error_bound(q, k, v, layout, qk_bits=4, pv_bits=8)
+    o_bound, _ = quantization_error_bound(q, k, v, layout, qk_bits=4, pv_bits=8, online=True)
     # fp16 output cast adds half an ulp of |o| <= vmax.
     assert ((o.float() - fp_o).abs().amax(-1) <= o_bound + 2e-3).all()
 
@@ -164,5 +164,5 @@ def test_gpu_fp16_long_sequence(pv):
     ref_o, ref_lse = online_quantized_attention(q, k, v, layout, qk_bits=8, pv_bits=pv)
     _assert_matches_reference(o, lse, ref_o, ref_lse, v, layout, pv)
     fp_o, _ = dense_masked_attention(q.float(), k.float(), v.float(), layout)
-    o_bound, _ = online_quantization_error_bound(q, k, v, layout, qk_bits=8, pv_bits=pv)
+    o_bound, _ = quantization_error_bound(q, k, v, layout, qk_bits=8, pv_bits=pv, online=True)
     assert ((o.float() - fp_o).abs().amax(-1) <= o_bound + 2e-3).all()

@@ -5,8 +5,7 @@
   ``"torch"`` backend's quantized path.
 * :func:`online_quantized_attention`: P rounded against the running row max, as a one-pass kernel
   does; the oracle of the quantized Triton kernel (same integer operands, so scores agree bitwise).
-* :func:`quantization_error_bound`, :func:`online_quantization_error_bound`: worst-case distance of
-  each scheme from fp32 attention.
+* :func:`quantization_error_bound`: worst-case distance of either scheme from fp32 attention.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from .torch_attention import pad_rows
 __all__ = [
     "naive_quantized_attention",
     "online_quantized_attention",
-    "online_quantization_error_bound",
     "quantization_error_bound",
 ]
 
@@ -102,19 +100,23 @@ def quantization_error_bound(
     scale: float | None = None,
     qk_bits: int | None = 8,
     pv_bits: int | None = 8,
+    online: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Worst-case bounds ``(o_bound [B, H, Nq], lse_bound [B, H, Nq])`` of the quantization error.
 
-    ``max_d |o - o_fp32|`` and ``|lse - lse_fp32|`` of :func:`quantized_block_sparse_attention` stay
-    below these per row, up to fp32 rounding. Derivation:
+    ``max_d |o - o_fp32|`` and ``|lse - lse_fp32|`` stay below these per row, up to fp32 rounding, for
+    :func:`quantized_block_sparse_attention` (``online=False``: P rounded per tile against the tile's
+    max) or :func:`online_quantized_attention` (``online=True``: P rounded on the fixed grid against the
+    running max; the P term is derived in its docstring). Derivation:
 
     * score error: ``q~.k~ - q.k = q.(k~ - k) + (q~ - q).k~`` and each rounding error is at most half a
       step, so ``|ds_ij| <= scale * (||q_i||_1 dk_j + dq_i ||k~_j||_1) <= eps_i``. A uniform bound on
       score errors moves the LSE by at most ``eps_i`` and multiplies every probability by a factor in
       ``[exp(-2 eps_i), exp(2 eps_i)]``, so the exact-softmax output over quantized scores differs from
       fp32 by at most ``(exp(2 eps_i) - 1) * vmax``;
-    * P rounding: ``|p^ - p| <= dp`` per entry, and the output divides by the fp32 row sum ``l``,
-      adding at most ``vmax * sum_j dp_ij / l_i``.
+    * P rounding: ``|p^ - p| <= dp`` per entry, and the output divides by the row sum ``l``, adding at
+      most ``vmax * sum_j dp_ij / l_i``; per tile ``dp`` is half the tile's step, online it is
+      ``1 / (2 P)`` for each of the row's ``n_i`` kept keys.
 
     The P term is evaluated on the quantized-score P the kernel actually rounds.
     """
@@ -123,8 +125,6 @@ def quantization_error_bound(
     b, h, nq, d = q.shape
     nk = k.shape[2]
     scale = d**-0.5 if scale is None else float(scale)
-    bq, bk = layout.block_q, layout.block_k
-    mk = layout.num_kv_blocks
     qv, kv, _, dq, dk = _prepare(q, k, layout, qk_bits)
     eps = scale * (q.float().abs().sum(-1) * dk.amax(-1, keepdim=True) + dq * kv.abs().sum(-1).amax(-1, keepdim=True))
     o_bound = torch.zeros(b, h, nq, device=q.device)
@@ -133,20 +133,28 @@ def quantization_error_bound(
         if pv_bits is not None:
             p = _shifted_probs(qv[:, :, r0:r1], kv, keep, scale)
             l = p.sum(-1)
-            r = r1 - r0
-            rq = cdiv(r, bq)
-            padded = p.new_zeros(b, h, rq * bq, mk * bk)
-            padded[:, :, :r, :nk] = p
-            tiles = padded.view(b, h, rq, bq, mk, bk)
-            half = tiles.amax(dim=(3, 5), keepdim=True) / (2 * _pmax(pv_bits))
-            kept = torch.zeros_like(padded, dtype=torch.bool)
-            kept[:, :, :r, :nk] = keep
-            dp = (half * kept.view(b, h, rq, bq, mk, bk)).sum(dim=(4, 5)).reshape(b, h, rq * bq)[:, :, :r]
+            if online:
+                dp = keep.sum(-1).float() / (2 * _pmax(pv_bits))
+            else:
+                dp = _tile_rounding(p, keep, layout, pv_bits)
             term = term + dp / torch.where(l > 0, l, torch.ones_like(l))
         o_bound[:, :, r0:r1] = vmax * term
     return o_bound, eps
 
 
+def _tile_rounding(p: torch.Tensor, keep: torch.Tensor, layout: BlockSparseLayout, pv_bits: int) -> torch.Tensor:
+    """``sum_j dp_ij`` per row when P is rounded per (query block, key block) tile to ``pv_bits``:
+    half the tile's step for every kept entry. ``p``, ``keep``: ``[B, H, rows, Nk]`` of whole query blocks."""
+    b, h, r, nk = p.shape
+    bq, bk, mk = layout.block_q, layout.block_k, layout.num_kv_blocks
+    rq = cdiv(r, bq)
+    padded = p.new_zeros(b, h, rq * bq, mk * bk)
+    padded[:, :, :r, :nk] = p
+    tiles = padded.view(b, h, rq, bq, mk, bk)
+    half = tiles.amax(dim=(3, 5), keepdim=True) / (2 * _pmax(pv_bits))
+    kept = torch.zeros_like(padded, dtype=torch.bool)
+    kept[:, :, :r, :nk] = keep
+    return (half * kept.view(b, h, rq, bq, mk, bk)).sum(dim=(4, 5)).reshape(b, h, rq * bq)[:, :, :r]
 
 
 def _tiles(x: torch.Tensor, blocks: int, block: int) -> torch.Tensor:
@@ -179,7 +187,7 @@ def online_quantized_attention(
     for INT8, ``1/15`` for INT4, no reduction needed), and ``o = acc / l``. ``pv_bits=None`` keeps P in
     fp32. The LSE is ``ln2 * (m + log2 l) + scale * q.mean(k)``, independent of P's rounding.
 
-    Error bound vs fp32 attention (:func:`online_quantization_error_bound`): with ``eps_i`` the
+    Error bound vs fp32 attention (:func:`quantization_error_bound` with ``online=True``): with ``eps_i`` the
     score bound of :func:`quantization_error_bound`, ``n_i`` the row's kept keys, ``l_i`` its final row
     sum (relative to the final max, so ``l_i >= 1``) and ``vmax`` the largest ``|v|`` it sees,
 
@@ -254,29 +262,3 @@ def online_quantized_attention(
     lse = torch.where(has, (m + torch.log2(l_safe)) * LN2, torch.full_like(m, float("-inf")))
     lse = lse.view(b, h, mq * bq)[:, :, :nq] + shift
     return o.to(q.dtype), lse
-
-
-def online_quantization_error_bound(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layout: BlockSparseLayout,
-    scale: float | None = None,
-    qk_bits: int = 8,
-    pv_bits: int | None = 8,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Worst-case ``(o_bound [B, H, Nq], lse_bound [B, H, Nq])`` of :func:`online_quantized_attention`
-    against fp32 attention (derivation in its docstring); ``l_i`` is taken from the quantized scores."""
-    _check_bits(pv_bits, "pv_bits")
-    o_bound, eps = quantization_error_bound(q, k, v, layout, scale, qk_bits, None)
-    if pv_bits is None:
-        return o_bound, eps
-    b, h, nq, d = q.shape
-    nk = k.shape[2]
-    scale = d**-0.5 if scale is None else float(scale)
-    qv, kv, _, _, _ = _prepare(q, k, layout, qk_bits)
-    for r0, r1, keep, vmax in _bound_chunks(layout, v, b, h, nq, nk):
-        l = _shifted_probs(qv[:, :, r0:r1], kv, keep, scale).sum(-1)
-        n_kept = keep.sum(-1).float()
-        o_bound[:, :, r0:r1] += vmax * n_kept / (2 * _pmax(pv_bits) * torch.where(l > 0, l, torch.ones_like(l)))
-    return o_bound, eps
