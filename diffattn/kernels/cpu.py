@@ -15,7 +15,7 @@ once why; :mod:`diffattn.kernels.api` then keeps its plain-PyTorch paths.
 >>> from diffattn.kernels import BlockSparseLayout
 >>> q = k = v = torch.randn(1, 2, 300, 64)
 >>> layout = BlockSparseLayout.dense(1, 1, 300, 300)
->>> o, lse = sparse_cpu_attention(q, k, v, layout)  # doctest: +SKIP (the first call builds the kernel)
+>>> o, lse = sparse_cpu_attention(q, k, v, layout, scale=64**-0.5)  # doctest: +SKIP (the first call builds the kernel)
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def sparse_cpu_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     layout: BlockSparseLayout,
-    scale: float | None = None,
+    scale: float,
     max_cols: int = MAX_COLS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention with the C++ kernel (which must be available, see :func:`cpu_kernel`).
@@ -111,7 +111,6 @@ def sparse_cpu_attention(
     module = cpu_kernel()
     if module is None:
         raise RuntimeError("the C++ CPU kernel is not available (see the log); use backend='torch' paths")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     qf, kf, vf = (t.float().contiguous() for t in (q, k, v))
     if layout.kv_mask_ids is None:
         ids, masks = torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.bool)

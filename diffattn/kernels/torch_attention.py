@@ -29,19 +29,19 @@ def gathered_block_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     layout: BlockSparseLayout,
-    scale: float | None = None,
+    scale: float,
     chunk_elements: int = _CHUNK_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention that gathers the listed key blocks per query block (never ``Nq x Nk``).
 
     Computes in fp32 and visits query blocks in chunks sized so a chunk's score tensor holds at most
-    ``chunk_elements`` values.
+    ``chunk_elements`` values. Like every backend it takes the arguments the public op resolved and
+    checked (:func:`diffattn.kernels.block_sparse_attention`): ``scale`` is the softmax scale itself.
     """
     b, h, nq, d = q.shape
     nk, dv = k.shape[-2], v.shape[-1]
     bq, bk = layout.block_q, layout.block_k
     mq, mk = layout.num_q_blocks, layout.num_kv_blocks
-    scale = d**-0.5 if scale is None else scale
     dev = q.device
 
     qp = pad_rows(q.float(), mq * bq).view(b, h, mq, bq, d)
@@ -110,7 +110,7 @@ def masked_cpu_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     layout: BlockSparseLayout,
-    scale: float | None = None,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention on CPU as PyTorch's fused (flash) CPU attention with an additive token mask.
 
@@ -154,9 +154,9 @@ def block_mass_torch(
     q: torch.Tensor,
     k: torch.Tensor,
     lse: torch.Tensor,
-    block_q: int = 64,
-    block_k: int = 64,
-    scale: float | None = None,
+    block_q: int,
+    block_k: int,
+    scale: float,
 ) -> torch.Tensor:
     """Attention mass of every tile: ``sum_{i in Qblk, j in Kblk} exp(q_i.k_j*scale - lse_i)``.
 
@@ -165,7 +165,6 @@ def block_mass_torch(
     """
     b, h, nq, d = q.shape
     nk = k.shape[-2]
-    scale = d**-0.5 if scale is None else scale
     mq, mk = cdiv(nq, block_q), cdiv(nk, block_k)
     out = torch.zeros(b, h, mq, mk, dtype=torch.float32, device=q.device)
     kf = pad_rows(k.float(), mk * block_k)
