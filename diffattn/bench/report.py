@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,15 @@ def _is_gpu(row: dict[str, Any]) -> bool:
     return row.get("device_type") == "cuda"
 
 
+def _table(intro: str, columns: list[str], body: Iterable[Iterable[str]]) -> list[str]:
+    """``intro``, a blank line and a Markdown table of ``columns``, one line per row of cells in ``body``."""
+    return [intro, "", _line(columns), "|" + "---|" * len(columns), *(_line(cells) for cells in body)]
+
+
+def _line(cells: Iterable[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
 def _cfg_label(row: dict[str, Any]) -> str:
     """The fields that tell a method's sweep points apart (the rest are defaults)."""
     cfg = row.get("config") or {}
@@ -60,22 +70,19 @@ def _quality_table(rows: list[dict[str, Any]]) -> list[str]:
         return ["Fidelity on synthetic attention: not yet measured."]
     first = q[0]
     grid = "×".join(str(x) for x in first.get("grid", []))
-    out = [
+    return _table(
         f"**Fidelity on synthetic DiT-like attention** (`diffattn bench quality`; grid {grid}, "
         f"{first.get('heads')} heads × {first.get('head_dim')}, Wan 3-D RoPE, measured at step 40 of 50 "
         f"with the inputs drifting per step by `drift`; {first.get('device')}, commit "
         f"`{first.get('commit')}`). Relative L2 error of the output vs dense fp32 attention, recall = "
         "attention mass kept.",
-        "",
-        "| method | config | drift | density | recall | rel. L2 error |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in sorted(q, key=lambda r: (r["method"], -r["density"], r.get("drift", 0), _cfg_label(r))):
-        out.append(
-            f"| {r['method']} | {_cfg_label(r)} | {r.get('drift', '-')} | {r['density']:.3f} | "
-            f"{r['recall']:.3f} | {r['rel_l2']:.4f} |"
-        )
-    return out
+        ["method", "config", "drift", "density", "recall", "rel. L2 error"],
+        (
+            [r["method"], _cfg_label(r), str(r.get("drift", "-")), f"{r['density']:.3f}", f"{r['recall']:.3f}",
+             f"{r['rel_l2']:.4f}"]
+            for r in sorted(q, key=lambda r: (r["method"], -r["density"], r.get("drift", 0), _cfg_label(r)))
+        ),
+    )
 
 
 def _tiny_groups(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -99,7 +106,7 @@ def _tiny_table(rows: list[dict[str, Any]]) -> list[str]:
     if not groups:
         return ["Fidelity on the embedded tiny model: not yet measured."]
     first = next(iter(groups.values()))[0]
-    out = [
+    intro = (
         f"**Fidelity on the embedded tiny model** (`diffattn bench tiny`; {first['frames']}×{first['height']}×"
         f"{first['width']} videos, {first['steps']} steps, each prompt generated densely and with the method "
         f"from the same seed; {first.get('device')}, commit `{first.get('commit')}`). PSNR and SSIM of the "
@@ -109,11 +116,9 @@ def _tiny_table(rows: list[dict[str, Any]]) -> list[str]:
            "covers, as here with the defaults, that is all the real work of dense attention)"
            if "gna" in groups else "")
         + ". Speed is the shape's fitted speed along the prompted direction in the method's videos, in px a "
-        "frame, with the dense videos' in brackets (the training videos move 2.9-3.5).",
-        "",
-        "| method | config | prompts | density | PSNR mean (min) dB | SSIM mean | speed (dense) px/frame |",
-        "|---|---|---|---|---|---|---|",
-    ]
+        "frame, with the dense videos' in brackets (the training videos move 2.9-3.5)."
+    )
+    body = []
     for label, rs in sorted(groups.items(), key=lambda kv: -_mean([_tiny_psnr(r) for r in kv[1]])):
         psnrs = [_tiny_psnr(r) for r in rs]
         shown = "∞ (identical)" if min(psnrs) == float("inf") else f"{_mean(psnrs):.1f} ({min(psnrs):.1f})"
@@ -127,11 +132,9 @@ def _tiny_table(rows: list[dict[str, Any]]) -> list[str]:
         speeds = [r["speed"] for r in rs if r.get("speed") is not None]
         dense_speeds = [r["dense_speed"] for r in rs if r.get("dense_speed") is not None]
         speed = f"{_mean(speeds):.2f} ({_mean(dense_speeds):.2f})" if speeds and dense_speeds else "-"
-        out.append(
-            f"| {name} | {config} | {len(rs)} | {density} | {shown} | "
-            f"{_mean([r['ssim'] for r in rs]):.4f} | {speed} |"
-        )
-    return out
+        body.append([name, config, str(len(rs)), density, shown, f"{_mean([r['ssim'] for r in rs]):.4f}", speed])
+    columns = ["method", "config", "prompts", "density", "PSNR mean (min) dB", "SSIM mean", "speed (dense) px/frame"]
+    return _table(intro, columns, body)
 
 
 def _kernel_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -139,15 +142,17 @@ def _kernel_table(rows: list[dict[str, Any]]) -> list[str]:
     if not k:
         return ["Kernel speed (H100 targets: dense ≥ 0.9× SDPA-flash, time ≤ 1.15·d·dense, ≥ 1.2× FlexAttention): "
                 "**not yet measured on a GPU**."]
-    out = ["**Kernel speed** (`diffattn bench kernel`; random layouts at fixed densities and each method's "
-           "real layout on synthetic DiT-like inputs)", "",
-           "| device | shape | dtype | layout | backend | density | ms | TFLOP/s |",
-           "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(k, key=lambda r: (r["device"], r["shape"], r.get("layout", "random"), r["backend"], -r["density"])):
-        tflops = "-" if r.get("tflops") is None else f"{r['tflops']:.0f}"
-        out.append(f"| {r['device']} | {r['shape']} | {r['dtype']} | {r.get('layout', 'random')} | {r['backend']} | "
-                   f"{r['density']:.2f} | {r['ms']:.2f} | {tflops} |")
-    return out
+    return _table(
+        "**Kernel speed** (`diffattn bench kernel`; random layouts at fixed densities and each method's "
+        "real layout on synthetic DiT-like inputs)",
+        ["device", "shape", "dtype", "layout", "backend", "density", "ms", "TFLOP/s"],
+        (
+            [r["device"], r["shape"], r["dtype"], r.get("layout", "random"), r["backend"], f"{r['density']:.2f}",
+             f"{r['ms']:.2f}", "-" if r.get("tflops") is None else f"{r['tflops']:.0f}"]
+            for r in sorted(k, key=lambda r: (r["device"], r["shape"], r.get("layout", "random"), r["backend"],
+                                              -r["density"]))
+        ),
+    )
 
 
 def _cpu_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -173,18 +178,16 @@ def _cpu_table(rows: list[dict[str, Any]]) -> list[str]:
             "ratios count"
         )
     commands = " and ".join(f"`{cmd}`" for cmd in dict.fromkeys(r.get("command", "diffattn bench cpu") for r in c))
-    out = [
+    intro = (
         f"**Block-sparse attention on a CPU** ({commands}; "
         f"{first['device']}, {first.get('host_cpus')} cores, torch {first['torch']}, fp32, commit "
         f"`{first['commit']}`; {load_note}). Each row times the same "
         "attention with dense SDPA, compiled FlexAttention and diffattn, interleaved, the minimum of "
         f"{rounds} rounds; one-off costs (Flex's compile, the kernel's build) are not in the times. "
         "Random layouts keep `round(d·M)` random key blocks of 64 per query block; method layouts are each "
-        "method's calls at a late step on synthetic DiT-like inputs.",
-        "",
-        "| N | B×H×D | layout | density | SDPA ms | Flex ms | diffattn ms | diffattn vs SDPA | diffattn vs Flex | path |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+        "method's calls at a late step on synthetic DiT-like inputs."
+    )
+    body = []
     for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3], k[4] != "random", k[4], -k[5])):
         g = groups[key]
         ours, sdpa, flex = g.get("diffattn"), g.get("sdpa"), g.get("flex-compiled")
@@ -193,11 +196,11 @@ def _cpu_table(rows: list[dict[str, Any]]) -> list[str]:
         n, b, h, d, layout, _ = key
         flex_ms = "-" if flex is None else f"{flex['ms']:.1f}"
         vs_flex = "-" if flex is None else f"{flex['ms'] / ours['ms']:.2f}×"
-        out.append(
-            f"| {n:,} | {b}×{h}×{d} | {layout} | {ours['density']:.2f} | {sdpa['ms']:.1f} | {flex_ms} | "
-            f"{ours['ms']:.1f} | {sdpa['ms'] / ours['ms']:.2f}× | {vs_flex} | {', '.join(ours.get('paths', []))} |"
-        )
-    return out
+        body.append([f"{n:,}", f"{b}×{h}×{d}", layout, f"{ours['density']:.2f}", f"{sdpa['ms']:.1f}", flex_ms,
+                     f"{ours['ms']:.1f}", f"{sdpa['ms'] / ours['ms']:.2f}×", vs_flex, ", ".join(ours.get("paths", []))])
+    columns = ["N", "B×H×D", "layout", "density", "SDPA ms", "Flex ms", "diffattn ms", "diffattn vs SDPA",
+               "diffattn vs Flex", "path"]
+    return _table(intro, columns, body)
 
 
 def _e2e_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -205,28 +208,31 @@ def _e2e_table(rows: list[dict[str, Any]]) -> list[str]:
     if not e:
         return ["End-to-end denoiser speed (Wan2.1-1.3B 480p, Wan-14B 720p, CogVideoX-2b, 50 steps; target "
                 "≥ 2× at Wan 480p): **not yet measured on a GPU**."]
-    out = ["**End-to-end** (`diffattn bench e2e`, full 50-step schedules incl. warm-up and search steps)", "",
-           "| device | model | method | total s | speedup | attention share | density | extra memory |",
-           "|---|---|---|---|---|---|---|---|"]
-    for r in e:
-        extra = r.get("extra_mem_vs_dense")
-        out.append(
-            f"| {r['device']} | {r['model']} | {r['method']} | {r['total_s']:.1f} | "
-            f"{r.get('speedup_vs_dense', float('nan')):.2f}× | {r['attention_share']:.0%} | "
-            f"{(r['density'] or 1.0):.3f} | {'-' if extra is None else f'{extra:+.1%}'} |"
-        )
-    return out
+    return _table(
+        "**End-to-end** (`diffattn bench e2e`, full 50-step schedules incl. warm-up and search steps)",
+        ["device", "model", "method", "total s", "speedup", "attention share", "density", "extra memory"],
+        (
+            [r["device"], r["model"], r["method"], f"{r['total_s']:.1f}", f"{r.get('speedup_vs_dense', float('nan')):.2f}×",
+             f"{r['attention_share']:.0%}", f"{(r['density'] or 1.0):.3f}",
+             "-" if r.get("extra_mem_vs_dense") is None else f"{r['extra_mem_vs_dense']:+.1%}"]
+            for r in e
+        ),
+    )
 
 
 def _unet_table(rows: list[dict[str, Any]]) -> list[str]:
     u = [r for r in rows if r["bench"] == "unet" and _is_gpu(r)]
     if not u:
         return ["SD 1.5 UNet speed with agent attention / ToMe (target ≥ 1.5× at 1024²): **not yet measured on a GPU**."]
-    out = ["**UNet** (`diffattn bench unet`)", "", "| device | resolution | method | s / image | speedup |", "|---|---|---|---|---|"]
-    for r in u:
-        out.append(f"| {r['device']} | {r.get('resolution', r.get('sample'))} | {r['method']} | "
-                   f"{r.get('s_per_image', float('nan')):.2f} | {r.get('speedup', float('nan')):.2f}× |")
-    return out
+    return _table(
+        "**UNet** (`diffattn bench unet`)",
+        ["device", "resolution", "method", "s / image", "speedup"],
+        (
+            [r["device"], str(r.get("resolution", r.get("sample"))), r["method"],
+             f"{r.get('s_per_image', float('nan')):.2f}", f"{r.get('speedup', float('nan')):.2f}×"]
+            for r in u
+        ),
+    )
 
 
 def render_markdown(rows: list[dict[str, Any]]) -> str:
