@@ -10,13 +10,14 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-__all__ = ["build_model", "environment", "write_rows", "timed", "default_output", "device_slug"]
+__all__ = ["build_model", "environment", "write_rows", "timed", "default_output", "device_slug", "parse_bench_args"]
 
 
 def _git_commit() -> str:
@@ -82,10 +83,22 @@ def write_rows(rows: list[dict[str, Any]], path: Path | str) -> Path:
     return path
 
 
-def check_densities(parser: argparse.ArgumentParser, densities: list[float]) -> None:
-    """``parser.error`` unless every ``--densities`` value lies in (0, 1]."""
-    if any(not 0.0 < d <= 1.0 for d in densities):
-        parser.error(f"--densities must lie in (0, 1], got {densities}")
+def parse_bench_args(
+    parser: argparse.ArgumentParser, argv: list[str] | None, positive: tuple[str, ...] = ()
+) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` with what the sweep benchmarks share: ``--densities`` in (0, 1], each
+    option named in ``positive`` at least 1, and ``command``, the command as typed without where it
+    wrote to (``--out``), so the rows say how to reproduce them."""
+    args = parser.parse_args(argv)
+    if any(not 0.0 < d <= 1.0 for d in args.densities):
+        parser.error(f"--densities must lie in (0, 1], got {args.densities}")
+    for name in positive:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    given = list(sys.argv[1:] if argv is None else argv)
+    kept = [a for i, a in enumerate(given) if a != "--out" and (i == 0 or given[i - 1] != "--out")]
+    args.command = " ".join([parser.prog, *kept])
+    return args
 
 
 def timed(fn: Callable[[], Any], device: torch.device, warmup: int = 1, repeat: int = 3) -> float:

@@ -35,7 +35,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from diffattn.bench.common import check_densities, default_output, environment, write_rows
+from diffattn.bench.common import default_output, environment, parse_bench_args, write_rows
 from diffattn.kernels import BlockSparseLayout, block_sparse_attention, cdiv
 from diffattn.methods import method_names
 
@@ -140,7 +140,6 @@ def _measure(
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     torch.set_grad_enabled(False)
-    command = "diffattn bench cpu " + " ".join(args.argv)
     env = environment("cpu")
     out = Path(args.out) / default_output("cpu", env).name if args.out else default_output("cpu", env)
     flex = None if args.no_flex else _Flex()
@@ -149,7 +148,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     for n in args.lengths:
         g = torch.Generator().manual_seed(n)
         q, k, v = (torch.randn(b, h, n, d, generator=g) for _ in range(3))
-        base = {"bench": "cpu", **env, "command": command.strip(), "B": b, "H": h, "N": n, "D": d, "dtype": "fp32", "block": args.block}
+        base = {"bench": "cpu", **env, "command": args.command, "B": b, "H": h, "N": n, "D": d, "dtype": "fp32", "block": args.block}
         for density in args.densities:
             layout = random_layout(h, n, args.block, density)
             new = _measure("random", (q, k, v), [(q, k, v, layout, None)], flex, args.reps,
@@ -194,15 +193,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=3, help="interleaved rounds; the minimum is kept")
     p.add_argument("--no-flex", action="store_true", help="skip compiled FlexAttention (its compile takes ~1 min)")
     p.add_argument("--out", help="folder for the JSON rows (default benchmarks/results/)")
-    args = p.parse_args(argv)
-    # The command as typed, without where it wrote to, so rows say how to reproduce them.
-    given = list(sys.argv[1:] if argv is None else argv)
-    args.argv = [a for i, a in enumerate(given) if a != "--out" and (i == 0 or given[i - 1] != "--out")]
-    check_densities(p, args.densities)
-    for name in ("batch", "heads", "head_dim", "reps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    return args
+    return parse_bench_args(p, argv, positive=("batch", "heads", "head_dim", "reps"))
 
 
 def main(argv: list[str] | None = None) -> int:

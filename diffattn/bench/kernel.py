@@ -34,7 +34,6 @@ Rows are appended to ``benchmarks/results/<date>-<device>-kernel.jsonl`` unless 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -45,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from diffattn.bench.common import default_output as _default_output
-from diffattn.bench.common import check_densities, environment
+from diffattn.bench.common import environment, parse_bench_args, write_rows
 from diffattn.kernels import BlockSparseLayout, block_sparse_attention, cdiv
 from diffattn.methods import describe, method_names
 
@@ -249,7 +248,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         b, h, n, d, grid = {**SHAPES, **QUICK_SHAPES}[name]
         base = {
             "bench": "kernel", **env, "shape": name, "B": b, "H": h, "Nq": n, "Nk": n, "D": d, "grid": list(grid), "dtype": dtype_name,
-            "block_q": args.block_q, "block_k": args.block_k,
+            "block_q": args.block_q, "block_k": args.block_k, "command": args.command,
         }
         jobs: list[tuple[str, str, float, float, dict[str, Any], Callable[[], Callable[[], Any] | None]]] = []
         if "random" in layouts:
@@ -274,7 +273,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 row = {**base, "layout": name_m, "backend": "method", "ms": None, "tflops": None,
                        "error": f"{type(e).__name__}: {e}"[:300]}
                 rows.append(row)
-                _write(out, row)
+                write_rows([row], out)
                 _print_row(row)
                 continue
             for backend, density, extra, make in mjobs:
@@ -296,17 +295,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             rows.append(row)
-            _write(out, row)
+            write_rows([row], out)
             _print_row(row)
     print(f"wrote {len(rows)} rows to {out}")
     summarize(rows)
     return rows
-
-
-def _write(out: Path, row: dict[str, Any]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        f.write(json.dumps(row) + "\n")
 
 
 def _print_row(row: dict[str, Any]) -> None:
@@ -364,7 +357,7 @@ def summarize(rows: list[dict[str, Any]]) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="diffattn bench kernel", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="toy shapes that also run on CPU")
     p.add_argument(
         "--shapes", nargs="+", help=f"subset of {list(SHAPES)} (or wan / wan720 / hunyuan) or {list(QUICK_SHAPES)}"
@@ -382,11 +375,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--device", help="default cuda if available, else cpu")
     p.add_argument("--out", help="JSON-lines file to append to (default benchmarks/results/<date>-<device>-kernel.jsonl)")
-    args = p.parse_args(argv)
+    args = parse_bench_args(p, argv, positive=("iters",))
     for s in args.shapes or []:
         if ALIASES.get(s, s) not in {**SHAPES, **QUICK_SHAPES}:
             p.error(f"unknown shape {s!r}; choose from {list(SHAPES) + list(QUICK_SHAPES)} or wan/wan720/hunyuan")
-    check_densities(p, args.densities)
     return args
 
 
