@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-
 import contextlib
 import datetime as _dt
 import json
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from diffattn.pipelines.compare import versions
 
 __all__ = ["build_model", "environment", "write_rows", "timed", "default_output", "device_slug", "parse_bench_args"]
 
@@ -32,27 +33,19 @@ def _git_commit() -> str:
 
 
 def environment(device: torch.device | str | None = None) -> dict[str, Any]:
-    """Device name, library versions and commit, stamped on every benchmark row."""
+    """Device name, library versions and commit, stamped on every benchmark row: the versions that
+    :func:`diffattn.pipelines.compare.versions` lists (as ``versions``), with torch, triton and diffusers
+    also at the top level where the report and the result files have always read them."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    try:
-        import diffusers
-
-        diffusers_version = diffusers.__version__
-    except ImportError:
-        diffusers_version = None
+    found = versions()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     return {
         "device": name,
         "device_type": device.type,
         "torch": torch.__version__,
-        "triton": triton_version,
-        "diffusers": diffusers_version,
+        "triton": found.get("triton"),
+        "diffusers": found.get("diffusers"),
+        "versions": found,
         "commit": _git_commit(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "host_cpus": os.cpu_count(),
