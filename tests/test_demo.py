@@ -286,6 +286,26 @@ def test_render_mask(result, runner):
             D.render_mask(result, *bad, runner.root)
 
 
+def test_another_method_on_the_same_video_reuses_the_dense_run(result, runner, monkeypatch):
+    calls = []
+    sample = runner.comparer.sample
+    monkeypatch.setattr(runner.comparer, "sample", lambda *a, **kw: calls.append(runner.comparer.config) or sample(*a, **kw))
+    seen = []
+    again = runner.generate(runner.request(PROMPT, "radial", {}, **SMALL), progress=lambda f, t: seen.append((f, t)))
+    try:
+        assert again.dense_reused and not result.dense_reused
+        assert [c.method for c in calls] == ["radial"], "only the method side is generated"
+        np.testing.assert_array_equal(again.dense_frames, result.dense_frames)
+        assert again.dense_s == result.dense_s and "earlier run" in again.markdown()
+        assert [f for f, _ in seen] == sorted(f for f, _ in seen) and seen[-1][0] == 1.0
+        assert all(t.startswith("radial") for _, t in seen)
+        other = runner.generate(runner.request(PROMPT, "radial", {}, **{**SMALL, "seed": 1}))
+        assert not other.dense_reused and [c is None for c in calls] == [False, True, False]
+        runner.discard(other)
+    finally:
+        runner.discard(again)
+
+
 @pytest.mark.parametrize("at", [0.25, 0.75], ids=["during-dense", "during-sparse"])
 def test_cancel_leaves_nothing_behind(runner, pipe, at):
     before = _processors(pipe)

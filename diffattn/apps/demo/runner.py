@@ -27,6 +27,8 @@ from .limits import Limits, _whole, limits_for
 __all__ = ["DEFAULT_PROMPT", "GenerationRequest", "RunResult", "Cancelled", "DemoRunner", "render_mask"]
 
 DEFAULT_PROMPT = "a red circle moving left on a blue background"
+# Frames of kept dense generations, at most (a Wan 480p video of 81 frames is ~0.4 GB of float32).
+DENSE_CACHE_BYTES = 1 << 30
 
 
 class Cancelled(Exception):
@@ -55,6 +57,8 @@ class RunResult:
         dense_video, sparse_video: mp4 paths.
         dense_frames, sparse_frames: float ``[F, H, W, 3]`` in [0, 1] (the app drops them once shown).
         dense_s, sparse_s: wall time of each generation in seconds.
+        dense_reused: the dense side is an earlier run of the same prompt, seed and size (kept by the
+            runner), not generated again for this request.
         psnr, ssim: sparse against dense.
         summary: :meth:`diffattn.Stats.summary` of the sparse run.
         masks: ``{(layer, step): bool [B|1, H|1, Mq, Mk]}`` of the conditional branch; identical masks
@@ -78,6 +82,7 @@ class RunResult:
     layers: list[str]
     steps: list[int]
     num_heads: int
+    dense_reused: bool = False
 
     @property
     def speedup(self) -> float:
@@ -97,6 +102,7 @@ class RunResult:
             "psnr": num(self.psnr),
             "ssim": num(self.ssim),
             "density": self.summary.get("density"),
+            "dense_reused": self.dense_reused,
         }
 
     def table(self) -> list[list[str]]:
@@ -118,9 +124,10 @@ class RunResult:
         psnr = "∞ (identical)" if math.isinf(self.psnr) else f"{self.psnr:.2f} dB"
         dens = self.summary.get("density")
         dens_s = "n/a" if dens is None else f"{dens:.3f}"
+        earlier = " (earlier run, same prompt, seed and size)" if self.dense_reused else ""
         return (
             f"| | dense | {self.method} |\n|---|---|---|\n"
-            f"| wall time | {self.dense_s:.2f} s | {self.sparse_s:.2f} s |\n\n"
+            f"| wall time | {self.dense_s:.2f} s{earlier} | {self.sparse_s:.2f} s |\n\n"
             f"**speedup {self.speedup:.2f}×** · PSNR {psnr} · SSIM {self.ssim:.4f} · "
             f"mean attention density {dens_s}"
         )
@@ -184,6 +191,9 @@ class DemoRunner:
             else diffattn's default).
         keep_runs: results kept on disk at once; older ones are removed (sessions that never come
             back cannot fill the disk).
+        dense_runs: dense generations kept in memory, by prompt, seed and size, so trying another
+            method (or other settings) on the same video does not generate the dense one again; at
+            most :data:`DENSE_CACHE_BYTES` of frames (the newest is always kept). 0 keeps none.
     """
 
     def __init__(
@@ -193,6 +203,7 @@ class DemoRunner:
         limits: Limits | None = None,
         min_tokens: int | None = None,
         keep_runs: int = 8,
+        dense_runs: int = 4,
     ) -> None:
         from ...pipelines.compare import Comparer
         from ...pipelines.tiny import TinyVideoPipeline
@@ -203,6 +214,8 @@ class DemoRunner:
         self.limits = limits or limits_for(pipe)
         self.min_tokens = (0 if self.is_tiny else DEFAULT_MIN_TOKENS) if min_tokens is None else min_tokens
         self.keep_runs = keep_runs
+        self.dense_runs = dense_runs
+        self._dense: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
         self.root = Path(tempfile.mkdtemp(prefix="diffattn-demo-"))
         # a process that ends without close() (an exception, Ctrl-C) still removes the folder
         atexit.register(shutil.rmtree, self.root, ignore_errors=True)
@@ -252,28 +265,36 @@ class DemoRunner:
 
         run_dir = self.root / f"run-{uuid.uuid4().hex[:12]}"
         run_dir.mkdir()
-        total = 2 * req.steps
         done = False
         call = dict(num_frames=req.frames, height=req.height, width=req.width, num_inference_steps=req.steps)
+        key = (req.prompt, req.seed, req.frames, req.height, req.width, req.steps)
 
-        def reporter(phase: int, label: str) -> Callable[[int], None]:
+        def reporter(phase: int, phases: int, label: str) -> Callable[[int], None]:
             def report(i: int) -> None:
                 if cancel is not None and cancel.is_set():
                     raise Cancelled("generation cancelled")
                 if progress is not None:
-                    progress((phase * req.steps + i) / total, f"{label}: step {i}/{req.steps}")
+                    progress((phase * req.steps + i) / (phases * req.steps), f"{label}: step {i}/{req.steps}")
 
             return report
 
         try:
             with self._lock:
-                reporter(0, "dense")(0)
-                self.comparer.restore()
-                dense = self.comparer.sample(req.prompt, req.seed, on_step=reporter(0, "dense"), **call)
+                dense = self._dense.get(key)
+                reused = dense is not None
+                phases = 1 if reused else 2
+                if reused:
+                    self._dense.move_to_end(key)
+                    reporter(0, phases, req.config.method)(0)
+                else:
+                    reporter(0, phases, "dense")(0)
+                    self.comparer.restore()
+                    dense = self.comparer.sample(req.prompt, req.seed, on_step=reporter(0, phases, "dense"), **call)
+                    self._remember_dense(key, dense)
                 try:
                     self.comparer.use(req.config, min_tokens=self.min_tokens, capture_layouts=True)
-                    sparse = self.comparer.sample(req.prompt, req.seed, on_step=reporter(1, req.config.method),
-                                                  **call)
+                    sparse = self.comparer.sample(req.prompt, req.seed,
+                                                  on_step=reporter(phases - 1, phases, req.config.method), **call)
                 finally:
                     self.comparer.restore()
             if cancel is not None and cancel.is_set():
@@ -287,7 +308,7 @@ class DemoRunner:
                 sparse_frames=sparse.frames, dense_s=dense.seconds["total"], sparse_s=sparse.seconds["total"],
                 psnr=q["psnr"], ssim=float("nan") if q["ssim"] is None else q["ssim"],
                 method=req.config.method, summary=sparse.summary, masks=masks, layers=layers,
-                steps=list(range(req.steps)), num_heads=self.num_heads,
+                steps=list(range(req.steps)), num_heads=self.num_heads, dense_reused=reused,
             )
             done = True
         finally:
@@ -295,6 +316,16 @@ class DemoRunner:
                 shutil.rmtree(run_dir, ignore_errors=True)
         self._keep(result)
         return result
+
+    def _remember_dense(self, key: tuple[Any, ...], sample: Any) -> None:
+        if self.dense_runs < 1:
+            return
+        self._dense[key] = sample
+        while len(self._dense) > 1 and (
+            len(self._dense) > self.dense_runs
+            or sum(s.frames.nbytes for s in self._dense.values()) > DENSE_CACHE_BYTES
+        ):
+            self._dense.popitem(last=False)
 
     def _keep(self, result: RunResult) -> None:
         with self._runs_lock:
@@ -315,6 +346,7 @@ class DemoRunner:
         """Remove every file the demo wrote."""
         with self._runs_lock:
             self._runs.clear()
+        self._dense.clear()
         shutil.rmtree(self.root, ignore_errors=True)
 
 
