@@ -139,3 +139,37 @@ def test_fatezero_layers_it_does_not_store_build_no_probabilities(mode, monkeypa
         with torch.no_grad():
             assert_close(proc(attn, x, ctx), AttnProcessor2_0()(attn, x, ctx), torch.float32)
     assert seen == ([] if mode == "off" else [(2, 2, 12, 9)])
+
+
+@pytest.mark.parametrize("rule", ["swap", "refine"])
+def test_edit_plan_moves_its_tensors_to_the_attention_once(rule):
+    from diffattn.processors.fatezero import EditPlan
+
+    g = torch.Generator().manual_seed(0)
+    t = 6
+    # the plan is kept in float64 on the host; the attention runs in float32
+    plan = EditPlan(self_range=(0, 3), cross_alpha=(torch.rand(4, t, generator=g) > 0.5).double(),
+                    equalizer=torch.rand(t, generator=g, dtype=torch.float64) + 0.5)
+    if rule == "swap":
+        plan.mapper = torch.rand(t, t, generator=g, dtype=torch.float64)
+    else:
+        plan.refine_index = torch.randperm(t, generator=g)
+        plan.refine_keep = (torch.rand(t, generator=g) > 0.3).double()
+    stored, current = (torch.rand(2, 3, 5, t, generator=g) for _ in range(2))
+    for step in (1, 2):
+        got = plan.cross_edit(stored, current, step)
+        if rule == "swap":
+            out = torch.einsum("fhqs,st->fhqt", stored, plan.mapper.float())
+        else:
+            keep = plan.refine_keep.float()
+            out = stored[..., plan.refine_index] * keep + current * (1 - keep)
+        out = out * plan.equalizer.float()
+        alpha = plan.cross_alpha[step].float()
+        assert_close(got, out * alpha + current * (1 - alpha), torch.float32)
+        if step == 1:
+            first = dict(plan._copies)
+    # the second call found every copy made by the first (none made again), in the attention's dtype
+    assert plan._copies.keys() == first.keys() and all(plan._copies[k] is v for k, v in first.items())
+    assert {k[0] for k in first} == {"cross_alpha", "equalizer", "mapper" if rule == "swap" else "refine_keep"} | (
+        set() if rule == "swap" else {"refine_index"})
+    assert all(v.dtype == (torch.int64 if k[0] == "refine_index" else torch.float32) for k, v in first.items())

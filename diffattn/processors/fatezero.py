@@ -269,21 +269,35 @@ class EditPlan:
     latent_source_weights: Optional[torch.Tensor] = None  # [T] source words of the latent blend
     latent_target_weights: Optional[torch.Tensor] = None  # [T] target words of the latent blend
     latent_range: Optional[tuple[int, int]] = None  # blend after step j when lo < j + 1 < hi
+    # Copies of the tensors above on the attention's device and dtype, made at their first use (the
+    # host tensors stay for the host's decisions): no host-to-device copy per attention call.
+    _copies: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def _on(self, name: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Field ``name`` on ``like``'s device in ``dtype`` (default ``like``'s), copied there once."""
+        dtype = like.dtype if dtype is None else dtype
+        key = (name, like.device, dtype)
+        copy = self._copies.get(key)
+        if copy is None:
+            copy = self._copies[key] = getattr(self, name).to(device=like.device, dtype=dtype)
+        return copy
 
     def cross_edit(self, stored: torch.Tensor, current: torch.Tensor, step: int) -> torch.Tensor:
         """The edited cross-attention ``[F, H, Nq, T]`` from the stored source map and the live one:
         the replaced/refined/reweighted map on the (step, token) pairs of ``cross_alpha``, the live map
         elsewhere."""
         if self.mapper is not None:
-            out = torch.einsum("fhqs,st->fhqt", stored, self.mapper.to(stored))
+            out = torch.einsum("fhqs,st->fhqt", stored, self._on("mapper", stored))
         elif self.refine_index is not None:
-            keep = self.refine_keep.to(stored)
-            out = stored[..., self.refine_index.to(stored.device)] * keep + current * (1 - keep)
+            keep = self._on("refine_keep", stored)
+            out = stored[..., self._on("refine_index", stored, self.refine_index.dtype)] * keep + current * (1 - keep)
         else:
             out = stored
         if self.equalizer is not None:
-            out = out * self.equalizer.to(out)
-        alpha = self.cross_alpha[step].to(out)
+            out = out * self._on("equalizer", out)
+        alpha = self._on("cross_alpha", out)[step]
         return out * alpha + current * (1 - alpha)
 
 
