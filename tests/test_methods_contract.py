@@ -66,6 +66,22 @@ def test_every_method_has_a_family_model_and_a_small_example():
             about.config(diffattn.methods.Variant(example))  # a valid config
 
 
+def test_a_methods_benchmarks_extend_its_parents():
+    from diffattn.methods.base import DEFAULTS, Variant
+    from diffattn.methods.sparse import VideoSparseMethod
+
+    class Sweeping(VideoSparseMethod):
+        benchmarks = {"quality": (Variant({"a": 1}, "a=1"),)}
+
+    class NotTiny(Sweeping):
+        benchmarks = {"tiny": ()}
+
+    assert VideoSparseMethod.benchmarks == {"kernel": DEFAULTS, "tiny": DEFAULTS}
+    assert Sweeping.benchmarks == {"kernel": DEFAULTS, "tiny": DEFAULTS, "quality": (Variant({"a": 1}, "a=1"),)}
+    assert NotTiny.benchmarks == {"kernel": DEFAULTS, "quality": (Variant({"a": 1}, "a=1"),)}
+    assert describe("radial").benchmarks["kernel"] == DEFAULTS and "tiny" in describe("adaspa").benchmarks
+
+
 @pytest.mark.parametrize("name", diffattn.methods())
 def test_method_contract_on_a_tiny_model(name, models, monkeypatch):
     from diffattn.methods import sparse
