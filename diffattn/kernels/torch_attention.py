@@ -29,19 +29,20 @@ def gathered_block_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     layout: BlockSparseLayout,
-    scale: float,
+    scale: float | None = None,
     chunk_elements: int = _CHUNK_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention that gathers the listed key blocks per query block (never ``Nq x Nk``).
 
     Computes in fp32 and visits query blocks in chunks sized so a chunk's score tensor holds at most
-    ``chunk_elements`` values. Like every backend it takes the arguments the public op resolved and
-    checked (:func:`diffattn.kernels.block_sparse_attention`): ``scale`` is the softmax scale itself.
+    ``chunk_elements`` values; ``scale`` defaults to ``D ** -0.5``. Exported for direct use; the
+    ``"torch"`` backend of :func:`diffattn.kernels.block_sparse_attention` passes the scale it resolved.
     """
     b, h, nq, d = q.shape
     nk, dv = k.shape[-2], v.shape[-1]
     bq, bk = layout.block_q, layout.block_k
     mq, mk = layout.num_q_blocks, layout.num_kv_blocks
+    scale = d**-0.5 if scale is None else scale
     dev = q.device
 
     qp = pad_rows(q.float(), mq * bq).view(b, h, mq, bq, d)
