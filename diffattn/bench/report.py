@@ -48,7 +48,7 @@ def _table(intro: str, columns: list[str], body: Iterable[Iterable[str]]) -> lis
 
 
 def _line(cells: Iterable[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
+    return "| " + " | ".join(map(str, cells)) + " |"
 
 
 def _cfg_label(row: dict[str, Any]) -> str:
