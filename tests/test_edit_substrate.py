@@ -156,20 +156,24 @@ def test_edit_plan_moves_its_tensors_to_the_attention_once(rule):
         plan.refine_index = torch.randperm(t, generator=g)
         plan.refine_keep = (torch.rand(t, generator=g) > 0.3).double()
     stored, current = (torch.rand(2, 3, 5, t, generator=g) for _ in range(2))
-    for step in (1, 2):
-        got = plan.cross_edit(stored, current, step)
+    def expected(step):
         if rule == "swap":
             out = torch.einsum("fhqs,st->fhqt", stored, plan.mapper.float())
         else:
             keep = plan.refine_keep.float()
             out = stored[..., plan.refine_index] * keep + current * (1 - keep)
-        out = out * plan.equalizer.float()
         alpha = plan.cross_alpha[step].float()
-        assert_close(got, out * alpha + current * (1 - alpha), torch.float32)
+        return out * plan.equalizer.float() * alpha + current * (1 - alpha)
+
+    for step in (1, 2):
+        assert_close(plan.cross_edit(stored, current, step), expected(step), torch.float32)
         if step == 1:
             first = dict(plan._copies)
     # the second call found every copy made by the first (none made again), in the attention's dtype
     assert plan._copies.keys() == first.keys() and all(plan._copies[k] is v for k, v in first.items())
     assert {k[0] for k in first} == {"cross_alpha", "equalizer", "mapper" if rule == "swap" else "refine_keep"} | (
         set() if rule == "swap" else {"refine_index"})
-    assert all(v.dtype == (torch.int64 if k[0] == "refine_index" else torch.float32) for k, v in first.items())
+    assert all(v[1].dtype == (torch.int64 if k[0] == "refine_index" else torch.float32) for k, v in first.items())
+    # a field set anew is copied anew
+    plan.equalizer = torch.rand(t, generator=g, dtype=torch.float64) + 2.0
+    assert_close(plan.cross_edit(stored, current, 2), expected(2), torch.float32)

@@ -270,19 +270,20 @@ class EditPlan:
     latent_target_weights: Optional[torch.Tensor] = None  # [T] target words of the latent blend
     latent_range: Optional[tuple[int, int]] = None  # blend after step j when lo < j + 1 < hi
     # Copies of the tensors above on the attention's device and dtype, made at their first use (the
-    # host tensors stay for the host's decisions): no host-to-device copy per attention call.
-    _copies: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = field(
+    # host tensors stay for the host's decisions): no host-to-device copy per attention call. Each is
+    # kept with the tensor it copies, so a field set anew is copied anew.
+    _copies: dict[tuple[str, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
     def _on(self, name: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Field ``name`` on ``like``'s device in ``dtype`` (default ``like``'s), copied there once."""
         dtype = like.dtype if dtype is None else dtype
-        key = (name, like.device, dtype)
-        copy = self._copies.get(key)
-        if copy is None:
-            copy = self._copies[key] = getattr(self, name).to(device=like.device, dtype=dtype)
-        return copy
+        key, source = (name, like.device, dtype), getattr(self, name)
+        hit = self._copies.get(key)
+        if hit is None or hit[0] is not source:
+            hit = self._copies[key] = (source, source.to(device=like.device, dtype=dtype))
+        return hit[1]
 
     def cross_edit(self, stored: torch.Tensor, current: torch.Tensor, step: int) -> torch.Tensor:
         """The edited cross-attention ``[F, H, Nq, T]`` from the stored source map and the live one:
