@@ -26,6 +26,8 @@ software versions and device a result row carries.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import math
 import platform
@@ -45,14 +47,30 @@ __all__ = ["Comparer", "Sample", "quality", "environment", "versions", "device_n
 
 
 def versions() -> dict[str, str]:
-    """Versions of Python and of the libraries that change what a run computes."""
+    """Versions of Python and of the libraries that change what a run computes: torch's as it reports
+    itself (with its build, e.g. ``+cu124``), the others' from their installed package or, where the
+    package has another name (``pytorch-triton``), from the module itself."""
     found = {"python": platform.python_version()}
     for name in ("diffattn", "torch", "diffusers", "transformers", "accelerate", "triton"):
+        if name == "torch":
+            found[name] = torch.__version__
+            continue
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
-            pass
+            version = _module_version(name)
+            if version is not None:
+                found[name] = version
     return found
+
+
+def _module_version(name: str) -> str | None:
+    if importlib.util.find_spec(name) is None:
+        return None
+    try:
+        return str(importlib.import_module(name).__version__)
+    except Exception:  # a module that fails to import or has no version: nothing to report
+        return None
 
 
 def device_name(device: torch.device | str) -> str:
