@@ -197,6 +197,20 @@ def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
 
+def _item_settings(item: PromptItem, opts: GenerateOptions) -> dict[str, Any]:
+    """What ``item`` runs with: each setting its prompt line gives, else the run's (``None``: the
+    pipeline's own default); the seed is the line's, else the run's seed plus the item's index."""
+    found = {name: _first(getattr(item, name), getattr(opts, name)) for name in _PIPELINE_ARGS}
+    found["negative_prompt"] = _first(item.negative_prompt, opts.negative_prompt)
+    found["seed"] = item.seed if item.seed is not None else opts.seed + item.index
+    return found
+
+
+# Per-item settings and the pipeline arguments they are passed as.
+_PIPELINE_ARGS = {"frames": "num_frames", "height": "height", "width": "width", "steps": "num_inference_steps",
+                  "guidance": "guidance_scale"}
+
+
 def _finite(value: float | None) -> float | None:
     return value if value is None or math.isfinite(value) else None
 
@@ -225,34 +239,27 @@ class _Runner:
         env = self.comparer.environment()
         self.versions, self.device_name = env["versions"], env["device"]
 
-    def _call(self, item: PromptItem, seed: int) -> Sample:
-        o = self.opts
-        kwargs: dict[str, Any] = {}
-        for name, key in (("frames", "num_frames"), ("height", "height"), ("width", "width"),
-                          ("steps", "num_inference_steps"), ("guidance", "guidance_scale")):
-            value = getattr(item, name) if getattr(item, name) is not None else getattr(o, name)
-            if value is not None:
-                kwargs[key] = value
-        negative = item.negative_prompt if item.negative_prompt is not None else o.negative_prompt
-        if negative is not None:
-            kwargs["negative_prompt"] = negative
-        return self.comparer.sample(item.prompt, seed, **kwargs)
+    def _call(self, item: PromptItem, settings: dict[str, Any]) -> Sample:
+        kwargs = {arg: settings[name] for name, arg in _PIPELINE_ARGS.items() if settings[name] is not None}
+        if settings["negative_prompt"] is not None:
+            kwargs["negative_prompt"] = settings["negative_prompt"]
+        return self.comparer.sample(item.prompt, settings["seed"], **kwargs)
 
     def generate(self, item: PromptItem) -> dict[str, Any]:
         from .compare import quality
         from .video_io import write_video
 
         o = self.opts
-        seed = item.seed if item.seed is not None else o.seed + item.index
-        row: dict[str, Any] = self._base_row(item, seed)
+        settings = _item_settings(item, o)
+        row: dict[str, Any] = self._base_row(item, settings)
         if item.error:
             raise ValueError(item.error)
         dense = None
         if o.compare == "dense" and o.method != "dense":
             self.comparer.use(None)  # the method stays installed between items unless dense alternates
-            dense = self._call(item, seed)
+            dense = self._call(item, settings)
         self.comparer.use(o.method, o.config)
-        sample = self._call(item, seed)
+        sample = self._call(item, settings)
         if o.compare == "dense" and o.method == "dense":
             dense = sample  # the method is the reference: no second run
         frames, secs, stats = sample.frames, sample.seconds, sample.summary
@@ -290,19 +297,19 @@ class _Runner:
             return None
         return param.default
 
-    def _base_row(self, item: PromptItem, seed: int) -> dict[str, Any]:
+    def _base_row(self, item: PromptItem, settings: dict[str, Any]) -> dict[str, Any]:
         o = self.opts
         return {
             "index": item.index,
             "status": "error",
             "prompt": item.prompt,
-            "negative_prompt": item.negative_prompt if item.negative_prompt is not None else o.negative_prompt,
-            "seed": seed,
+            "negative_prompt": settings["negative_prompt"],
+            "seed": settings["seed"],
             "model": o.model,
             "method": o.method,
             "config": o.config,
-            "steps": item.steps or o.steps or self._default("num_inference_steps"),
-            "guidance": _first(item.guidance, o.guidance, self._default("guidance_scale")),
+            "steps": _first(settings["steps"], self._default("num_inference_steps")),
+            "guidance": _first(settings["guidance"], self._default("guidance_scale")),
             "dtype": str(self.dtype).replace("torch.", ""),
             "device": self.device_name,
             "versions": self.versions,
@@ -314,9 +321,9 @@ class _Runner:
 def _error_row(runner: _Runner | None, opts: GenerateOptions, item: PromptItem, exc: BaseException) -> dict[str, Any]:
     from .compare import versions
 
-    seed = item.seed if item.seed is not None else opts.seed + item.index
-    row = runner._base_row(item, seed) if runner is not None else {
-        "index": item.index, "prompt": item.prompt, "seed": seed, "model": opts.model, "method": opts.method,
+    settings = _item_settings(item, opts)
+    row = runner._base_row(item, settings) if runner is not None else {
+        "index": item.index, "prompt": item.prompt, "seed": settings["seed"], "model": opts.model, "method": opts.method,
         "config": opts.config, "versions": versions(),
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
