@@ -272,7 +272,7 @@ class AttentionMethod:
     defaults: ``"video"`` for DiTs on a latent grid, ``"unet"`` for Stable Diffusion UNets),
     ``drawing`` (how ``diffattn draw`` pictures it; None: no picture), ``benchmarks`` (per benchmark —
     ``"kernel"``, ``"quality"``, ``"tiny"`` — the variants it runs; a benchmark not named leaves the
-    method out; a subclass's entries extend its parent's, and ``()`` takes one of them back),
+    method out; a subclass's entries extend its parent's, labels included, and ``()`` takes one back),
     ``steady_step`` (a step of 50 at which it runs its steady-state plan),
     :meth:`event_steps` (steps of 50 at which it plans anew: by default the steps listed in the config
     field ``event_steps_field`` names) and ``small_example`` (config fields with
