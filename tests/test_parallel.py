@@ -86,3 +86,35 @@ def test_paro_calibrated_on_one_rank_s_heads_is_not_saved_as_a_whole():
     method.attend(q, q, q, AttnContext(layer="l0", grid=(2, 4, 8), step=0, num_steps=4, heads=(1, 2, 2)))
     with pytest.raises(ValueError, match="only this rank's heads"):
         method.save_calibration("unused.pt")
+
+
+@pytest.mark.parametrize("layout", ["key-2d", "key-4d", "rows-local", "keys-local", "whole", "both-local"])
+def test_a_ranks_mask_becomes_the_whole_sequences(layout):
+    from diffattn.processors.parallel import whole_sequence_mask
+
+    world, s, b = 3, 4, 2
+    n = world * s
+    g = torch.Generator().manual_seed(0)
+    keys = torch.rand(b, n, generator=g) > 0.3
+    full = torch.rand(b, 1, n, n, generator=g) > 0.3
+    shard = lambda r: slice(r * s, (r + 1) * s)  # noqa: E731 - rank r's tokens
+    local, expected = {
+        "key-2d": (lambda r: keys[:, shard(r)], keys[:, None, None]),
+        "key-4d": (lambda r: keys[:, None, None, shard(r)], keys[:, None, None]),
+        "rows-local": (lambda r: full[:, :, shard(r)], full),
+        "keys-local": (lambda r: full[..., shard(r)], full),
+        "whole": (lambda r: full, full),
+        "both-local": (lambda r: full[:, :, shard(r), shard(r)], None),
+    }[layout]
+
+    def gather(t, dim):  # all_gather over the simulated ranks, each contributing its own shard
+        return torch.cat([local(r) for r in range(world)], dim=dim)
+
+    for rank in range(world):
+        if expected is None:
+            with pytest.raises(NotImplementedError, match="other ranks' keys are missing"):
+                whole_sequence_mask(local(rank), s, world, gather)
+        else:
+            assert torch.equal(whole_sequence_mask(local(rank), s, world, gather), expected)
+    with pytest.raises(ValueError, match="attention masks"):
+        whole_sequence_mask(torch.ones(b, n + 1, dtype=torch.bool), s, world, gather)

@@ -28,7 +28,10 @@ import torch
 
 from ..methods import get_method_class
 
-__all__ = ["context_config", "check_parallel", "mode_name", "attend_sharded", "joint_order", "head_gatherer"]
+__all__ = [
+    "context_config", "check_parallel", "mode_name", "attend_sharded", "joint_order", "head_gatherer",
+    "whole_sequence_mask",
+]
 
 
 def context_config(parallel_config: Any) -> Any:
@@ -90,18 +93,45 @@ def attend_sharded(
         )
     q, k, v = (_all_to_all_dim_exchange(x.contiguous(), 2, 1, group) for x in (query, key, value))
 
-    def full_mask(m):
-        if m.shape[-1] == s:  # this rank's keys only: gather every rank's
-            m = _gather(m.contiguous(), m.ndim - 1, group)
-        return m[:, None, None] if m.ndim == 2 else m  # [B, Nk] key mask, as diffusers' native backend reads it
-
     if attn_mask is not None:  # every layer gets the model's same mask: gathered once per forward
-        attn_mask = handler.state.per_forward(attn_mask, ("sharded", s), full_mask)
+        attn_mask = handler.state.per_forward(
+            attn_mask, ("sharded", s), lambda m: whole_sequence_mask(m, s, world, lambda t, dim: _gather(t, dim, group))
+        )
     local = h // world
     heads = (rank * local, (rank + 1) * local, h)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
     out = handler.attend(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, heads=heads)
     return _all_to_all_dim_exchange(out.transpose(1, 2).contiguous(), 1, 2, group)
+
+
+def whole_sequence_mask(
+    mask: torch.Tensor, s: int, world: int, gather: Callable[[torch.Tensor, int], torch.Tensor]
+) -> torch.Tensor:
+    """A rank's attention mask made the whole sequence's (``world * s`` tokens in rank order), the one
+    the re-sharded attention runs with. The dimension that holds only this rank's ``s`` tokens is
+    gathered over the ranks (``gather(t, dim)``: every rank's tensor, concatenated): the keys of a key
+    mask ``[B, s]`` / ``[..., 1|N, s]``, the queries of ``[..., s, N]``. A mask over this rank's queries
+    *and* keys ``[..., s, s]`` holds only the diagonal blocks of the whole mask and raises. A
+    ``[B, N]`` key mask comes back as ``[B, 1, 1, N]``, as diffusers' native backend reads it."""
+    n = s * world
+    rows = mask.shape[-2] if mask.ndim >= 3 else 1
+    cols = mask.shape[-1] if mask.ndim >= 2 else -1
+    if world > 1 and rows == s and cols == s:
+        raise NotImplementedError(
+            f"diffattn under context parallelism got an attention mask {tuple(mask.shape)} over this rank's "
+            f"{s} queries and {s} keys only: the other ranks' keys are missing for these queries. Pass the "
+            f"mask over all {n} keys ([..., {s}, {n}]) or a key mask ([B, {s}])"
+        )
+    if mask.ndim < 2 or cols not in (s, n) or rows not in (1, s, n):
+        raise ValueError(
+            f"diffattn under context parallelism takes attention masks [B, Nk] or [..., 1|Nq, Nk] over this "
+            f"rank's {s} tokens or all {n}, got {tuple(mask.shape)}"
+        )
+    if world > 1 and cols == s:  # this rank's keys for every query: every rank's keys, in rank order
+        mask = gather(mask.contiguous(), mask.ndim - 1)
+    elif world > 1 and rows == s:  # this rank's queries over every key
+        mask = gather(mask.contiguous(), mask.ndim - 2)
+    return mask[:, None, None] if mask.ndim == 2 else mask
 
 
 def _gather(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
