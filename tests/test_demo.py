@@ -107,7 +107,9 @@ def test_free_text_fields_are_not_offered():
 
 
 def test_demo_methods_are_the_sparse_video_methods():
-    assert set(D.demo_methods()) == {"radial", "gna", "adaspa", "paro"}
+    # a new sparse video method joins the demo by registering; the UNet methods and dense never do
+    assert {"radial", "gna", "adaspa", "paro"} <= set(D.demo_methods())
+    assert not {"dense", "tome", "agent"} & set(D.demo_methods())
 
 
 def test_descriptions_come_from_the_docstrings():
