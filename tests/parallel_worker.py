@@ -8,6 +8,7 @@ writes each rank's largest difference and stats rows to ``$DIFFATTN_CP_OUT/rank<
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 
@@ -68,20 +69,42 @@ def schedule(model, kw):
     return outs
 
 
-def uneven_heads(kw) -> str:
-    """Three heads cannot be split over two ranks: the forward must raise (on every rank, before any
-    exchange), not run something else."""
+def uneven_heads(kw) -> dict:
+    """Three heads over two ranks: padded with a zero head, radial gives the one-process output on
+    both ranks (rank 1 holds head 2 and the zero head); AdaSpa's head-adaptive rule, which ranks every
+    head, raises on every rank before any exchange."""
     from diffusers import ContextParallelConfig
 
-    torch.manual_seed(0)
-    model = T.wan_model(heads=3, layers=1).eval()
-    diffattn.apply(model, "radial", min_tokens=0, block_size=16, backend="torch")
-    model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
-    try:
-        T.run(model, kw)
-    except ValueError as e:
-        return str(e)
-    return "ran"
+    b = dict(block_size=16, backend="torch")
+    methods = {
+        "radial": diffattn.RadialConfig(dense_layers=0, dense_steps=0, pattern_block=16, **b),
+        "adaspa": diffattn.AdaSpaConfig(sparsity=0.5, warmup_steps=0, **b),
+    }
+    report: dict = {"log": []}
+    handler = logging.Handler()
+    handler.emit = lambda record: report["log"].append(record.getMessage())
+    logging.getLogger("diffattn").addHandler(handler)
+    for name, cfg in methods.items():
+        torch.manual_seed(0)
+        ref = T.wan_model(heads=3, layers=1).eval()
+        torch.manual_seed(0)
+        model = T.wan_model(heads=3, layers=1).eval()
+        diffattn.apply(ref, cfg, min_tokens=0)
+        want = T.run(ref, kw)
+        diffattn.apply(model, cfg, min_tokens=0)
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
+        try:
+            got = T.run(model, kw)
+        except ValueError as e:
+            report[name] = {"refused": str(e)}
+            continue
+        rows = diffattn.stats(model).rows
+        report[name] = {
+            "diff": float((got - want).abs().max()),
+            "rows": [{k: r.get(k) for k in ("method", "heads", "padded_heads", "density")} for r in rows],
+        }
+    logging.getLogger("diffattn").removeHandler(handler)
+    return report
 
 
 def main() -> None:
@@ -124,7 +147,7 @@ def main() -> None:
             "rows": rows,
             "ref_rows": ref_rows,
         }
-    report["refused"] = uneven_heads(family_inputs("wan"))
+    report["uneven"] = uneven_heads(family_inputs("wan"))
     with open(os.path.join(os.environ["DIFFATTN_CP_OUT"], f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
     dist.destroy_process_group()

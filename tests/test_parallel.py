@@ -29,7 +29,18 @@ def test_ulysses_and_ring_match_one_process_in_either_order(tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for r in (0, 1):
-        assert "splits the 3 attention heads over 2 ranks" in ranks[r].pop("refused")
+        uneven = ranks[r].pop("uneven")
+        radial = uneven["radial"]
+        assert radial["diff"] <= MODEL_TOL[0], f"3 heads over 2 ranks: rank {r} is {radial['diff']:.2e} from one process"
+        want = {"method": "radial", "heads": [[0, 2], [2, 3]][r], "padded_heads": [None, 1][r]}
+        assert radial["rows"] and all({k: row[k] for k in want} == want for row in radial["rows"]), radial["rows"]
+        assert all(row["density"] < 1.0 for row in radial["rows"]), "radial must run sparse on padded heads"
+        assert [m for m in uneven["log"] if "zero heads" in m] == [
+            "diffattn: context parallelism pads the 3 attention heads to 4 with zero heads (33% more attention "
+            "work); a degree that divides 3 needs none"
+        ], uneven["log"]
+        assert "cannot run on padded heads" in uneven["adaspa"]["refused"]
+        assert "head_adaptive=False" in uneven["adaspa"]["refused"]
     assert set(ranks[0]) == set(ranks[1]) and len(ranks[0]) == 9
     for case in ranks[0]:
         method, mode, _ = case.split("/")

@@ -156,6 +156,13 @@ class AdaSpaMethod(VideoSparseMethod):
         + tuple(Variant({"mode": "recall", "target_recall": r}, f"recall>={r}") for r in (0.9, 0.95, 0.99)),
     }
     event_steps_field = "search_steps"
+
+    @classmethod
+    def padded_heads_refusal(cls, config):
+        if config.head_adaptive and config.mode == "topk":
+            return ("its head-adaptive rule ranks every head's recall, and zero heads would take part; set "
+                    "AdaSpaConfig(head_adaptive=False) or use a degree that divides the head count")
+        return None
     small_example = {"sparsity": 0.6, "warmup_steps": 0, "search_steps": (0, 25), "block_size": 16, "backend": "torch"}
     lossless_example = {**small_example, "sparsity": 0.0, "head_adaptive": False}
 

@@ -306,6 +306,12 @@ class AttentionMethod:
         return None
 
     @classmethod
+    def padded_heads_refusal(cls, config: MethodConfig) -> str | None:
+        """Why ``config`` cannot run when context parallelism pads the heads with zero heads to a
+        multiple of its degree (None: it can; the default, as each head's attention is its own)."""
+        return None
+
+    @classmethod
     def event_steps(cls, config: MethodConfig) -> tuple[int, ...]:
         """Steps (of a 50-step schedule) at which ``config`` makes a new plan (searches, calibrations);
         a benchmark calls the method there before measuring it at ``steady_step``."""

@@ -180,6 +180,13 @@ class PAROMethod(VideoSparseMethod):
         + tuple(Variant({"density": 0.5, "qk_bits": 8, "pv_bits": pv}, f"d=0.5 int8/int{pv}") for pv in (8, 4)),
     }
     event_steps_field = "calibration_steps"
+
+    @classmethod
+    def padded_heads_refusal(cls, config):
+        if config.calibration is not None:
+            return ("a calibration file holds the model's heads, not the padded ones; calibrate online (no "
+                    "PAROConfig.calibration) or use a degree that divides the head count")
+        return None
     small_example = {"density": 0.4, "calibration_steps": (0, 25), "block_size": 16, "backend": "torch"}
     lossless_example = {**small_example, "density": 1.0}
 

@@ -18,6 +18,11 @@ GNA, pooled agents) need nothing more; per-head state is computed by the rank th
 the rule couples heads (AdaSpa's head-adaptive sparsity gathers every head's recall through
 ``AttnContext.gather_heads``). Combinations that cannot be served exactly raise when the method
 meets the parallel config (``apply`` or ``enable_parallelism``, whichever comes second).
+
+A head count the degree does not divide is padded with zero heads (zero queries, keys and values give
+zero outputs, dropped after the exchange back), which is exact for every method whose heads are its
+own; a method whose rule spans heads says so in ``padded_heads_refusal`` and raises on every rank
+before any exchange.
 """
 
 from __future__ import annotations
@@ -86,22 +91,31 @@ def attend_sharded(
     b, s, h, d = query.shape
     if key.shape[1] != s or key.shape[2] != h or not handler.takes(s * world, dropout_p, is_causal):
         return None
-    if h % world:
-        raise ValueError(
-            f"diffattn under context parallelism splits the {h} attention heads over {world} ranks; use a "
-            f"degree that divides {h}"
-        )
+    pad = -h % world
+    if pad:
+        # Zero heads (zero queries, keys and values attend to nothing but zeros) make the split even;
+        # their outputs are dropped after the exchange back.
+        method = handler.proc.method
+        why = type(method).padded_heads_refusal(method.config)
+        if why is not None:
+            raise ValueError(
+                f"diffattn under context parallelism pads the {h} attention heads to {h + pad} to split them "
+                f"over {world} ranks, and {method.name!r} cannot run on padded heads: {why}"
+            )
+        query, key, value = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (query, key, value))
     q, k, v = (_all_to_all_dim_exchange(x.contiguous(), 2, 1, group) for x in (query, key, value))
 
     if attn_mask is not None:  # every layer gets the model's same mask: gathered once per forward
         attn_mask = handler.state.per_forward(
             attn_mask, ("sharded", s), lambda m: whole_sequence_mask(m, s, world, lambda t, dim: _gather(t, dim, group))
         )
-    local = h // world
-    heads = (rank * local, (rank + 1) * local, h)
+    local = (h + pad) // world
+    # (start, stop, total) over the padded head axis, and how many of its heads are the model's
+    heads = (rank * local, (rank + 1) * local, h + pad, h)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
     out = handler.attend(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, heads=heads)
-    return _all_to_all_dim_exchange(out.transpose(1, 2).contiguous(), 1, 2, group)
+    out = _all_to_all_dim_exchange(out.transpose(1, 2).contiguous(), 1, 2, group)
+    return out[:, :, :h] if pad else out
 
 
 def whole_sequence_mask(

@@ -686,7 +686,8 @@ class _Handler:
     def attend(self, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, heads=None):
         """The method's output for SDPA-layout ``q, k, v``, or None for a call diffattn does not take.
 
-        ``heads`` = (start, stop, total) when ``q`` holds only those heads of a context-parallel layer.
+        ``heads`` = (start, stop, total, real) when ``q`` holds only those heads of a context-parallel
+        layer (over a head axis padded to ``total``, of which the first ``real`` are the model's).
         Only shapes and flags are read here (static under compile); everything that depends on the
         step or on tensor values happens in :func:`_attend`, behind ``diffattn::attend`` when compiling.
         """
@@ -726,7 +727,7 @@ def _attend(
     heads=None,
 ):
     """Run the layer's method on one attention call, with the current forward's step and grid
-    (``heads``: this rank's (start, stop, total) heads under context parallelism)."""
+    (``heads``: this rank's (start, stop, total, real) heads under context parallelism)."""
     b, h, n, _ = q.shape
     name, index = attn.__dict__["_diffattn_layer"]
     info = state.info
@@ -757,10 +758,21 @@ def _attend(
     row: dict[str, Any] = {}
     gather_heads, where, order = None, {}, None
     if heads is not None:
-        heads = tuple(int(x) for x in heads)
+        *heads, real = (int(x) for x in heads)
+        heads = tuple(heads)
         cp = context_config(proc._inner_for(attn, state)._parallel_config)
         gather_heads = head_gatherer(cp)
-        where = {"parallel": mode_name(cp), "heads": heads[:2]}
+        start, stop = heads[0], heads[1]
+        where = {"parallel": mode_name(cp), "heads": (min(start, real), min(stop, real))}
+        if stop > real:
+            where["padded_heads"] = stop - max(start, real)
+        if heads[2] > real:  # logged here, outside any compiled graph (this runs behind diffattn::attend)
+            log_once(
+                f"cp-pad-{real}-{heads[2]}",
+                f"diffattn: context parallelism pads the {real} attention heads to {heads[2]} with zero heads "
+                f"({(heads[2] - real) / real:.0%} more attention work); a degree that divides {real} needs none",
+                logging.WARNING,
+            )
         if text_len:
             order, inverse = joint_order(n, text_len, cp, spec.text_first, q.device)
             q, k, v = (x[:, :, order] for x in (q, k, v))
