@@ -28,19 +28,32 @@ def test_ulysses_and_ring_match_one_process_in_either_order(tmp_path):
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    uneven = [ranks[r].pop("uneven") for r in (0, 1)]
     for r in (0, 1):
-        uneven = ranks[r].pop("uneven")
-        radial = uneven["radial"]
-        assert radial["diff"] <= MODEL_TOL[0], f"3 heads over 2 ranks: rank {r} is {radial['diff']:.2e} from one process"
-        want = {"method": "radial", "heads": [[0, 2], [2, 3]][r], "padded_heads": [None, 1][r]}
-        assert radial["rows"] and all({k: row[k] for k in want} == want for row in radial["rows"]), radial["rows"]
-        assert all(row["density"] < 1.0 for row in radial["rows"]), "radial must run sparse on padded heads"
-        assert [m for m in uneven["log"] if "zero heads" in m] == [
+        assert [m for m in uneven[r]["log"] if "zero heads" in m] == [
             "diffattn: context parallelism pads the 3 attention heads to 4 with zero heads (33% more attention "
             "work); a degree that divides 3 needs none"
-        ], uneven["log"]
-        assert "cannot run on padded heads" in uneven["adaspa"]["refused"]
-        assert "head_adaptive=False" in uneven["adaspa"]["refused"]
+        ], uneven[r]["log"]
+        refused = uneven[r]["adaspa-adaptive"]["refused"]
+        assert "cannot run on padded heads" in refused and "head_adaptive=False" in refused
+        for method in ("radial", "adaspa", "paro"):
+            got = uneven[r][method]
+            assert got["diff"] <= MODEL_TOL[0], f"3 heads over 2 ranks, {method}: rank {r} is {got['diff']:.2e} off"
+            want = {"method": method, "heads": [[0, 2], [2, 3]][r], "padded_heads": [None, 1][r]}
+            assert len(got["rows"]) == len(got["ref_rows"]) == 4, got["rows"]
+            assert all({k: row[k] for k in want} == want for row in got["rows"]), got["rows"]
+            assert any(row["density"] < 1.0 for row in got["rows"]), f"{method} must run sparse on padded heads"
+    # The statistics are the model's heads': rank 0's two heads and rank 1's one make the one-process values
+    # (a zero head counted on rank 1 would move them).
+    for method in ("radial", "adaspa", "paro"):
+        ref_rows = uneven[0][method]["ref_rows"]
+        for i, ref in enumerate(ref_rows):
+            a, b = (uneven[r][method]["rows"][i] for r in (0, 1))
+            for key in ("density", "recall", "planned_density"):
+                if ref[key] is None:
+                    assert a[key] is None and b[key] is None, (method, i, key)
+                else:
+                    assert (2 * a[key] + b[key]) / 3 == pytest.approx(ref[key], abs=1e-6), (method, i, key, a, b, ref)
     assert set(ranks[0]) == set(ranks[1]) and len(ranks[0]) == 9
     for case in ranks[0]:
         method, mode, _ = case.split("/")

@@ -199,9 +199,10 @@ class AdaSpaMethod(VideoSparseMethod):
         mask, info = self._search(q, k, lse, ctx.scale, ctx.heads, ctx.gather_heads)
         n = q.shape[2]
         e.layout = BlockSparseLayout.from_block_mask(mask, bs, bs, n, n)
-        e.density = e.layout.density
-        e.recall = float(info["recall"].mean())
-        e.head_sparsity = info["sparsity"]
+        # statistics of the model's heads (a rank's zero padding heads left out)
+        e.density = e.layout.density if not ctx.padded_heads else float(ctx.real_heads(mask).float().mean())
+        e.recall = float(ctx.real_heads(info["recall"]).mean())
+        e.head_sparsity = ctx.real_heads(info["sparsity"])
         e.searched_at = ctx.step
 
     def video_attention(self, q, k, v, ctx):

@@ -168,7 +168,12 @@ class AttnContext:
 
     Under context parallelism a rank holds the whole sequence for some heads only: ``heads`` is
     ``(start, stop, total)`` and ``gather_heads(t)`` turns a per-head tensor ``[B, stop - start, ...]``
-    into ``[B, total, ...]`` over the ranks (for rules that compare heads); both None otherwise.
+    into ``[B, total, ...]`` over the ranks (for rules that compare heads); both None otherwise. When
+    the degree does not divide the model's head count, zero heads are appended to the head axis
+    (``total`` counts them) and the last ``padded_heads`` of this call's heads are such zero heads:
+    their outputs are dropped, and statistics leave them out (:meth:`real_heads`). A rule that
+    compares heads through ``gather_heads`` would see them and must refuse in
+    :meth:`AttentionMethod.padded_heads_refusal`.
     """
 
     layer: str = ""
@@ -188,7 +193,15 @@ class AttnContext:
     latent_grid: tuple[int, int, int] | None = None
     heads: tuple[int, int, int] | None = None
     gather_heads: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
+    padded_heads: int = 0
     record: Callable[..., None] = field(default=lambda **kw: None, repr=False)
+
+    def real_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-head tensor ``[B, H, ...]`` of this call's ``H`` heads without its zero padding heads
+        (a head axis of another size, e.g. 1 for a layout all heads share, stays)."""
+        if self.padded_heads and self.heads is not None and t.shape[1] == self.heads[1] - self.heads[0]:
+            return t[:, : t.shape[1] - self.padded_heads]
+        return t
 
     @property
     def cache_key(self) -> tuple[str, int]:
@@ -308,7 +321,8 @@ class AttentionMethod:
     @classmethod
     def padded_heads_refusal(cls, config: MethodConfig) -> str | None:
         """Why ``config`` cannot run when context parallelism pads the heads with zero heads to a
-        multiple of its degree (None: it can; the default, as each head's attention is its own)."""
+        multiple of its degree (None: it can; the default, as each head's attention is its own). A
+        method whose rule compares heads (through ``AttnContext.gather_heads``) must refuse here."""
         return None
 
     @classmethod

@@ -135,6 +135,13 @@ class _Calibration:
             )
         return part
 
+    def real_density(self, heads: int) -> float:
+        """Density of the first ``heads`` heads' masks (a rank's model heads, its zero padding left out)."""
+        key = ("density", heads)
+        if key not in self._device_cache:
+            self._device_cache[key] = float(self.mask[:heads].float().mean())
+        return self._device_cache[key]
+
     def plan(self, device: torch.device, block: int) -> tuple[torch.Tensor, torch.Tensor, BlockSparseLayout]:
         """Permutations, inverses and the kernel layout on ``device`` (built once per device)."""
         if device not in self._device_cache:
@@ -245,7 +252,8 @@ class PAROMethod(VideoSparseMethod):
             op, lsep = block_sparse_attention(
                 qp, kp, vp, layout, ctx.scale, backend=cfg.backend, qk_bits=cfg.qk_bits, pv_bits=cfg.pv_bits
             )
-        ctx.record(density=layout.density, search=False, cache_hit=True)
+        density = layout.density if not ctx.padded_heads else c.real_density(h - ctx.padded_heads)
+        ctx.record(density=density, search=False, cache_hit=True)
         return permute_heads(op, inv), permute_heads(lsep, inv)
 
     def _calibrate(self, q, k, v, ctx, key, grid):
@@ -256,11 +264,12 @@ class PAROMethod(VideoSparseMethod):
         orders, mask, info = calibrate_paro(
             q, k, lse, grid, cfg.density, cfg.block_size, cfg.orders, cfg.order_recall, ctx.scale, cfg.backend
         )
-        recall = float(info["recall"].mean())
+        # statistics of the model's heads (a rank's zero padding heads left out)
+        recall = float(ctx.real_heads(info["recall"][None]).mean())  # recall, mask: per head, [H], [H, Mq, Mk]
         self.state.entries[key] = _Calibration(grid, q.shape[1], orders, mask.cpu(), recall, ctx.heads)
         self.state.calibrations += 1
         ctx.record(
-            density=1.0, planned_density=float(mask.float().mean()), recall=recall, search=True,
+            density=1.0, planned_density=float(ctx.real_heads(mask[None]).float().mean()), recall=recall, search=True,
             search_kind="calibration", cache_hit=False,
         )
         return o, lse

@@ -223,7 +223,7 @@ class VideoSparseMethod(AttentionMethod):
             with capture_kernel_calls() as seen:
                 o_v, lse_v = self.video_attention(qv, kv, vv, ctx)
             if seen:
-                ctx.record(block_mask=seen[-1].layout.to_block_mask().cpu())
+                ctx.record(block_mask=ctx.real_heads(seen[-1].layout.to_block_mask()).cpu())
         else:
             o_v, lse_v = self.video_attention(qv, kv, vv, ctx)
         if ctx.text_len == 0:

@@ -4,8 +4,8 @@ Context parallelism shards the sequence: each rank holds ``N / W`` tokens of eve
 planners need the whole sequence (the latent grid, the video tokens' positions, a search over all
 query and key blocks), so a patched layer re-shards by heads over the whole context-parallel group
 (one all-to-all for ``q, k, v`` and one back for the output, the Ulysses exchange): every rank then
-runs the method on the full sequence for ``H / W`` heads, exactly what the single-process method
-computes for those heads. This serves Ulysses, Ring and ring x Ulysses alike; for Ring it replaces
+runs the method on the full sequence for ``ceil(H / W)`` heads (padded, see below), exactly what the
+single-process method computes for those heads. This serves Ulysses, Ring and ring x Ulysses alike; for Ring it replaces
 the key/value rotation, which would hand the planner one key shard at a time.
 
 In a joint text + video sequence (Flux) every rank holds its share of the text and of the video, so
@@ -22,7 +22,8 @@ meets the parallel config (``apply`` or ``enable_parallelism``, whichever comes 
 A head count the degree does not divide is padded with zero heads (zero queries, keys and values give
 zero outputs, dropped after the exchange back), which is exact for every method whose heads are its
 own; a method whose rule spans heads says so in ``padded_heads_refusal`` and raises on every rank
-before any exchange.
+before any exchange — at the first forward, when the head count is known. Statistics leave the zero
+heads out (``AttnContext.padded_heads``), and a rank that holds only zero heads computes nothing.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def check_parallel(config: Any, cp: Any) -> None:
         raise NotImplementedError(
             f"{what} with ulysses_anything/ring_anything: diffattn splits heads and sequence evenly over "
             "the ranks. Use ContextParallelConfig(ulysses_degree=... or ring_degree=...) without the "
-            "*_anything flags, with a token count and head count divisible by the degree."
+            "*_anything flags, with a token count divisible by the degree."
         )
     why = get_method_class(method).sharding_refusal(config) if method else None
     if why is not None:
@@ -113,7 +114,10 @@ def attend_sharded(
     # (start, stop, total) over the padded head axis, and how many of its heads are the model's
     heads = (rank * local, (rank + 1) * local, h + pad, h)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-    out = handler.attend(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, heads=heads)
+    if heads[0] >= h:  # only zero heads on this rank (more ranks than heads): nothing to compute
+        out = q.new_zeros(*q.shape[:3], v.shape[-1])
+    else:
+        out = handler.attend(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, heads=heads)
     out = _all_to_all_dim_exchange(out.transpose(1, 2).contiguous(), 1, 2, group)
     return out[:, :, :h] if pad else out
 
@@ -130,6 +134,12 @@ def whole_sequence_mask(
     n = s * world
     rows = mask.shape[-2] if mask.ndim >= 3 else 1
     cols = mask.shape[-1] if mask.ndim >= 2 else -1
+    if mask.ndim == 4 and mask.shape[1] != 1:
+        raise NotImplementedError(
+            f"diffattn under context parallelism got a per-head attention mask {tuple(mask.shape)}; the heads "
+            "are re-sharded over the ranks, so pass a mask shared by the heads ([B, 1, 1|Nq, Nk]) or a key "
+            "mask ([B, Nk])"
+        )
     if world > 1 and rows == s and cols == s:
         raise NotImplementedError(
             f"diffattn under context parallelism got an attention mask {tuple(mask.shape)} over this rank's "
@@ -158,7 +168,8 @@ def _gather(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
 
 
 def head_gatherer(cp: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``gather(t)``: a per-head tensor ``[B, H/W, ...]`` of this rank's heads → ``[B, H, ...]`` of all."""
+    """``gather(t)``: a per-head tensor ``[B, H_rank, ...]`` of this rank's heads → ``[B, H_padded, ...]``
+    of all ranks' (the padded head axis: the model's heads, then any zero heads)."""
     group = cp._flattened_mesh.get_group()
     return lambda t: _gather(t.contiguous(), 1, group)
 

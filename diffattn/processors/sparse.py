@@ -796,6 +796,7 @@ def _attend(
         latent_grid=info.grid,
         heads=heads,
         gather_heads=gather_heads,
+        padded_heads=where.get("padded_heads", 0),
         record=row.update,
     )
     with state.timer(q.device) as t:
