@@ -82,6 +82,8 @@ def uneven_heads(kw) -> dict:
         "adaspa": diffattn.AdaSpaConfig(sparsity=0.5, warmup_steps=0, search_steps=(0, 25), head_adaptive=False, **b),
         "paro": diffattn.PAROConfig(density=0.5, **b),
         "adaspa-adaptive": diffattn.AdaSpaConfig(sparsity=0.5, warmup_steps=0, **b),
+        # one head over two ranks: rank 1 holds only a zero head and computes nothing
+        "radial-1-head": diffattn.RadialConfig(dense_layers=0, dense_steps=0, pattern_block=16, **b),
     }
     report: dict = {"log": []}
     handler = logging.Handler()
@@ -89,10 +91,11 @@ def uneven_heads(kw) -> dict:
     logging.getLogger("diffattn").addHandler(handler)
     keep = ("method", "step", "heads", "padded_heads", "density", "recall", "planned_density")
     for name, cfg in methods.items():
+        heads = 1 if name.endswith("1-head") else 3
         torch.manual_seed(0)
-        ref = T.wan_model(heads=3, layers=1).eval()
+        ref = T.wan_model(heads=heads, layers=1).eval()
         torch.manual_seed(0)
-        model = T.wan_model(heads=3, layers=1).eval()
+        model = T.wan_model(heads=heads, layers=1).eval()
         diffattn.apply(ref, cfg, min_tokens=0)
         want = schedule(ref, kw)
         diffattn.apply(model, cfg, min_tokens=0)

@@ -30,7 +30,7 @@ def test_ulysses_and_ring_match_one_process_in_either_order(tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     uneven = [ranks[r].pop("uneven") for r in (0, 1)]
     for r in (0, 1):
-        assert [m for m in uneven[r]["log"] if "zero heads" in m] == [
+        assert [m for m in uneven[r]["log"] if "pads the 3 attention heads" in m] == [
             "diffattn: context parallelism pads the 3 attention heads to 4 with zero heads (33% more attention "
             "work); a degree that divides 3 needs none"
         ], uneven[r]["log"]
@@ -43,6 +43,9 @@ def test_ulysses_and_ring_match_one_process_in_either_order(tmp_path):
             assert len(got["rows"]) == len(got["ref_rows"]) == 4, got["rows"]
             assert all({k: row[k] for k in want} == want for row in got["rows"]), got["rows"]
             assert any(row["density"] < 1.0 for row in got["rows"]), f"{method} must run sparse on padded heads"
+    one = [uneven[r]["radial-1-head"] for r in (0, 1)]
+    assert one[0]["diff"] <= MODEL_TOL[0] and one[1]["diff"] <= MODEL_TOL[0], one
+    assert [row["heads"] for row in one[0]["rows"]] == [[0, 1]] * 4 and one[1]["rows"] == [], "rank 1 has no model head"
     # The statistics are the model's heads': rank 0's two heads and rank 1's one make the one-process values
     # (a zero head counted on rank 1 would move them).
     for method in ("radial", "adaspa", "paro"):
