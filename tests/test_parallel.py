@@ -145,3 +145,6 @@ def test_a_ranks_mask_becomes_the_whole_sequences(layout):
             assert torch.equal(whole_sequence_mask(local(rank), s, world, gather), expected)
     with pytest.raises(ValueError, match="attention masks"):
         whole_sequence_mask(torch.ones(b, n + 1, dtype=torch.bool), s, world, gather)
+    # the heads are re-sharded over the ranks: a mask with a head axis cannot follow them
+    with pytest.raises(NotImplementedError, match="per-head attention mask"):
+        whole_sequence_mask(torch.ones(b, 2, 1, s, dtype=torch.bool), s, world, gather)
